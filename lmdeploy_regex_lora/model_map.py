@@ -1,0 +1,174 @@
+"""Mapping Hugging Face module names to LMDeploy's modules.
+
+LMDeploy builds its own module tree: it packs ``q/k/v_proj`` into ``qkv_proj`` and ``gate/up_proj``
+(InternLM2: ``w1/w3``) into ``gate_up_proj``, keeps InternLM2's ``wqkv`` but de-interleaves its rows,
+and otherwise keeps the checkpoint's names. This module walks that tree once and lists every linear
+layer the Hugging Face model had (a :class:`Site`), with where its LoRA slot would go and whether
+LMDeploy can serve LoRA on it per request. Names an adapter was trained under with newer
+transformers (``model.language_model.*``) are translated by :data:`NAMING_SCHEMES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AdapterError
+
+PER_REQUEST = "per-request"
+LM_HEAD = "lm-head"
+NON_TOKEN = "non-token-rows"
+PLAIN_LINEAR = "plain-linear"
+
+# Model classes (LMDeploy's) whose fused ``wqkv`` stores rows interleaved per KV head in the
+# checkpoint: (kv_head, q_per_kv + 2, head_dim). LMDeploy's own LoRA loader for InternLM2 reorders
+# lora_B the same way it reorders the base weight.
+_INTERLEAVED_QKV_CLASSES = {"InternLM2ForCausalLM", "InternLM2ForRewardModel"}
+
+#: Prefix rewrites from the names an adapter may carry to the checkpoint names LMDeploy uses,
+#: tried in order; the first under which every tensor of the adapter lands wins.
+NAMING_SCHEMES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("checkpoint names", ()),
+    ("transformers>=4.52 names (model.language_model.*, wrapper style)", (
+        ("model.language_model.", "language_model.model."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.vision_model.", "vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("lm_head", "language_model.lm_head"),
+    )),
+    ("transformers>=4.52 names (model.language_model.*, Qwen2-VL style)", (
+        ("model.language_model.", "model."),
+        ("model.visual.", "visual."),
+    )),
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One Hugging Face linear layer as LMDeploy holds it."""
+
+    hf_name: str
+    lmdeploy_module: str
+    slot: str
+    in_features: int
+    out_features: int
+    base_slice: tuple[int, int]
+    serving: str
+    #: (num_kv_heads, q_heads_per_kv, head_dim) when lora_B rows must be de-interleaved.
+    interleaved_qkv: tuple[int, int, int] | None = None
+    lora_capable: bool = True
+
+
+def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
+    """Apply the first matching prefix rule (a rule without a trailing dot matches a whole name part)."""
+    for src, dst in rules:
+        if src.endswith("."):
+            if name.startswith(src):
+                return dst + name[len(src):]
+        elif name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+    return name
+
+
+def unrename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
+    """The inverse of :func:`rename`: checkpoint name -> the name under the scheme."""
+    return rename(name, tuple((dst, src) for src, dst in rules))
+
+
+class ModelMap:
+    """Every linear layer of the served model, by Hugging Face (checkpoint) name."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from lmdeploy.pytorch.nn.linear.base import LinearBase
+
+        self.model = model
+        self.sites: dict[str, Site] = {}
+        modules = dict(model.named_modules())
+        backbone = self._backbone_prefix(model, modules)
+        for name, mod in modules.items():
+            if isinstance(mod, LinearBase):
+                self._add_lmdeploy_linear(name, mod, modules, backbone)
+            elif isinstance(mod, torch.nn.Linear):
+                self.sites[name] = Site(name, name, name.rsplit(".", 1)[-1], mod.in_features, mod.out_features,
+                                        (0, mod.out_features), PLAIN_LINEAR, lora_capable=False)
+
+    @staticmethod
+    def _backbone_prefix(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> str | None:
+        """The text decoder: the parent of the input embedding. Its linears run on token rows."""
+        emb = None
+        getter = getattr(model, "get_input_embeddings", None)
+        if callable(getter):
+            try:
+                emb = getter()
+            except Exception:
+                emb = None
+        if emb is not None:
+            for name, mod in modules.items():
+                if mod is emb:
+                    return name.rsplit(".", 1)[0] if "." in name else ""
+        return None
+
+    def _packing(self, name: str, modules: dict[str, torch.nn.Module]) -> tuple[list[str] | None, torch.nn.Module]:
+        """Sub-module names packed into ``name``, from the nearest ancestor's ``packed_modules_mapping``."""
+        leaf = name.rsplit(".", 1)[-1]
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            anc = modules.get(".".join(parts[:i]) if i else "")
+            mapping = getattr(anc, "packed_modules_mapping", None) if anc is not None else None
+            if isinstance(mapping, dict) and mapping:
+                return (list(mapping[leaf]) if leaf in mapping else None), anc
+        return None, self.model
+
+    def _owner_class(self, name: str, modules: dict[str, torch.nn.Module]) -> str:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            anc = modules.get(".".join(parts[:i]) if i else "")
+            if anc is not None and type(anc).__name__ in _INTERLEAVED_QKV_CLASSES:
+                return type(anc).__name__
+        return ""
+
+    def _add_lmdeploy_linear(self, name: str, mod, modules, backbone: str | None) -> None:
+        parent, _, leaf = name.rpartition(".")
+        if backbone is not None and (backbone == "" or name.startswith(backbone + ".")):
+            serving = PER_REQUEST
+        elif leaf in ("lm_head", "output"):
+            serving = LM_HEAD
+        else:
+            serving = NON_TOKEN
+        subs, _ = self._packing(name, modules)
+        prefix = parent + "." if parent else ""
+        if subs is not None:
+            outs = list(mod.all_out_features)
+            start = 0
+            for sub, out in zip(subs, outs, strict=True):
+                self.sites[prefix + sub] = Site(prefix + sub, name, sub, mod.in_features, out, (start, start + out),
+                                                serving)
+                start += out
+            return
+        interleaved = None
+        if leaf == "wqkv" and self._owner_class(name, modules):
+            kv, q = mod.num_kv_heads, mod.num_q_heads
+            interleaved = (kv, q // kv, mod.head_size)
+        self.sites[name] = Site(name, name, leaf, mod.in_features, mod.out_features, (0, mod.out_features),
+                                serving, interleaved_qkv=interleaved)
+
+    # -- naming ---------------------------------------------------------------------------------------
+    def choose_scheme(self, adapter: str, file: str, tensor_modules: list[str]) -> tuple[str, tuple]:
+        """Pick the naming scheme under which every tensor of the adapter names a linear layer of the model."""
+        best = None
+        for label, rules in NAMING_SCHEMES:
+            missing = [m for m in tensor_modules if rename(m, rules) not in self.sites]
+            if not missing:
+                return label, rules
+            if best is None or len(missing) < len(best[2]):
+                best = (label, rules, missing)
+        assert best is not None
+        label, rules, missing = best
+        sample = ", ".join(repr(m) for m in missing[:3])
+        raise AdapterError(
+            f"{len(missing)} of its {len(tensor_modules)} LoRA tensors name modules this model does not have as "
+            f"linear layers (e.g. {sample}; closest naming: {label}).",
+            adapter=adapter, file=file, module=missing[0],
+            fix="check that the adapter was trained on this base model; an adapter for another architecture or "
+                "size cannot be served on it.")

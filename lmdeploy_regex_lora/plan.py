@@ -1,0 +1,245 @@
+"""The resolved plan: which LMDeploy module gets which rank and scaling for which adapter, and why.
+
+Data flows one way: configs and tensors in (:mod:`.adapter_config`, :mod:`.adapter_weights`), the
+model's layout (:mod:`.model_map`), then this plan, plain data that tests and the CLI print, and
+only then LMDeploy's modules are filled from it (:mod:`.slots`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .adapter_config import AdapterConfig
+from .adapter_weights import AdapterTensors, LoraPair
+from .errors import AdapterError
+from .matching import LAYER_RULES, PATTERN_RULES, TargetMatcher, pattern_rule_for, rank_and_alpha
+from .model_map import PER_REQUEST, ModelMap, Site, rename, unrename
+
+#: LMDeploy's Triton LoRA kernel sizes a block with ``tl.arange(0, max(16, max_rank))``: it must be a
+#: power of two. The kernel masks rows past each adapter's own rank, so rounding up is exact.
+MIN_KERNEL_BLOCK = 16
+
+
+def kernel_block_rank(max_rank: int) -> int:
+    block = MIN_KERNEL_BLOCK
+    while block < max_rank:
+        block *= 2
+    return block
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One adapter on one Hugging Face linear layer."""
+
+    hf_name: str  # the name as the adapter (its trainer's model) has it
+    lmdeploy_module: str
+    slot: str
+    rank: int
+    alpha: float
+    scaling: float
+    serving: str
+    reason: str
+
+
+@dataclass
+class AdapterPlan:
+    name: str
+    adapter_id: int
+    path: str
+    config_file: str
+    weights_file: str
+    target_modules: str | list[str]
+    naming: str
+    use_rslora: bool
+    layer_rule: str | None
+    pattern_rule: str | None
+    modules: list[ModulePlan] = field(default_factory=list)
+
+
+@dataclass
+class SlotPlan:
+    """One LoRA slot (``lora_adapters[slot]`` on an LMDeploy linear) shared by all adapters."""
+
+    lmdeploy_module: str
+    slot: str
+    hf_name: str  # checkpoint name of the Hugging Face layer this slot stands for
+    in_features: int
+    out_features: int
+    base_slice: tuple[int, int]
+    ranks: list[int]  # per adapter id; id 0 is "no adapter" and always 0
+    scalings: list[float]
+    kernel_block_rank: int
+
+
+@dataclass
+class LoadPlan:
+    adapters: list[AdapterPlan]
+    slots: list[SlotPlan]
+
+    def to_dict(self) -> dict:
+        return {"adapters": [asdict(a) for a in self.adapters], "slots": [asdict(s) for s in self.slots]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render(self) -> str:
+        """A table per adapter: module, slot, rank, alpha, scaling, why it matched."""
+        lines = []
+        for a in self.adapters:
+            lines.append(f"adapter {a.name!r} (id {a.adapter_id}) from {a.path}")
+            lines.append(f"  target_modules={a.target_modules!r}  naming: {a.naming}"
+                         f"{'  use_rslora' if a.use_rslora else ''}")
+            lines.append(f"  {'module (adapter name)':<56} {'LMDeploy slot':<44} {'r':>4} {'alpha':>7} {'scale':>8}")
+            for m in a.modules:
+                slot = f"{m.lmdeploy_module}[{m.slot}]"
+                lines.append(f"  {m.hf_name:<56} {slot:<44} {m.rank:>4} {m.alpha:>7g} {m.scaling:>8.4g}  {m.reason}")
+        lines.append(f"{len(self.slots)} LoRA slots; adapter ids: "
+                     + ", ".join(f"{a.adapter_id}={a.name}" for a in self.adapters) + " (0 = no adapter)")
+        return "\n".join(lines)
+
+
+@dataclass
+class ResolvedAdapter:
+    """An adapter after matching: its plan and, per site (checkpoint name), the module plan and tensors."""
+
+    plan: AdapterPlan
+    by_site: dict[str, tuple[ModulePlan, LoraPair]]
+
+
+def _error(cfg: AdapterConfig, file: str, problem: str, fix: str, module: str | None = None,
+           field_: str | None = None) -> AdapterError:
+    return AdapterError(problem, adapter=cfg.name, file=file, module=module, field=field_, fix=fix)
+
+
+def _describe(names, limit: int = 4) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def _layer_rules(cfg: AdapterConfig) -> tuple[str, ...]:
+    if cfg.layers_to_transform is None:
+        return ("greedy",)
+    # PEFT 0.20 switched to the lazy rule; the adapter's own tensors decide when the version is unknown.
+    newer_first = cfg.peft_version is not None and pattern_rule_for(cfg) == "peft>=0.15" and \
+        _minor(cfg.peft_version) >= 20
+    return ("lazy", "greedy") if newer_first else LAYER_RULES
+
+
+def _minor(version: str) -> int:
+    parts = version.split(".")
+    try:
+        return int(parts[1]) if parts[0] == "0" else 99
+    except (IndexError, ValueError):
+        return 0
+
+
+def resolve_adapter(
+    cfg: AdapterConfig, tensors: AdapterTensors, adapter_id: int, model_map: ModelMap
+) -> ResolvedAdapter:
+    """Match one adapter's config against the model and check it against its own tensors."""
+    file = tensors.file
+    label, rules = model_map.choose_scheme(cfg.name, file, list(tensors.pairs))
+    # Names as the trainer's model had them, for every linear layer of the served model.
+    names = {unrename(site_name, rules): site_name for site_name in model_map.sites}
+    trained = set(tensors.pairs)
+
+    attempts = []
+    for layer_rule in _layer_rules(cfg):
+        matcher = TargetMatcher(cfg, layer_rule)
+        verdicts = {n: matcher.match(n) for n in names}
+        selected = {n for n, v in verdicts.items() if v.targeted}
+        attempts.append((layer_rule, verdicts, selected))
+        if selected == trained:
+            break
+    layer_rule, verdicts, selected = attempts[-1]
+    if selected != trained:
+        layer_rule, verdicts, selected = attempts[0]
+        extra = trained - selected
+        missing = selected - trained
+        if not selected:
+            raise _error(cfg, cfg.config_file, f"target_modules {cfg.describe_targets()} matches none of the "
+                         "model's linear layers.", "check that the adapter belongs to this base model; target "
+                         "names are matched against full module names as the Hugging Face model names them.",
+                         field_="target_modules")
+        if extra:
+            first = sorted(extra)[0]
+            raise _error(cfg, file, f"holds LoRA tensors for {len(extra)} module(s) that the config does not "
+                         f"target: {_describe(extra)} ({verdicts[first].reason}).",
+                         "use the adapter_config.json saved with these weights; the config and weights disagree.",
+                         module=first)
+        first = sorted(missing)[0]
+        raise _error(cfg, file, f"has no lora_A/lora_B for {len(missing)} module(s) the config targets: "
+                     f"{_describe(missing)}.", "the weights file is incomplete or belongs to another config; "
+                     "save the adapter again.", module=first)
+
+    # Ranks come from the tensors; alpha (and the check of r) from the config under the PEFT rule
+    # that reproduces those ranks.
+    preferred = pattern_rule_for(cfg)
+    rules_to_try = [preferred] + [r for r in PATTERN_RULES if r != preferred]
+    chosen_rule = None
+    for rule in rules_to_try:
+        if all(rank_and_alpha(cfg, n, rule)[0] == tensors.pairs[n].rank for n in selected):
+            chosen_rule = rule
+            break
+    if chosen_rule is None:
+        bad = next(n for n in sorted(selected) if rank_and_alpha(cfg, n, preferred)[0] != tensors.pairs[n].rank)
+        raise _error(cfg, file, f"lora_A/lora_B have rank {tensors.pairs[bad].rank}, but the config gives this "
+                     f"module rank {rank_and_alpha(cfg, bad, preferred)[0]} (r / rank_pattern).",
+                     "use the adapter_config.json saved with these weights.", module=bad, field_="r")
+
+    plan = AdapterPlan(
+        name=cfg.name, adapter_id=adapter_id, path=cfg.path, config_file=cfg.config_file, weights_file=file,
+        target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
+        naming=label, use_rslora=cfg.use_rslora,
+        layer_rule=layer_rule if cfg.layers_to_transform is not None else None,
+        pattern_rule=chosen_rule if (cfg.rank_pattern or cfg.alpha_pattern) else None,
+    )
+    by_site: dict[str, tuple[ModulePlan, LoraPair]] = {}
+    unservable: list[tuple[str, Site]] = []
+    for n in sorted(selected):
+        site = model_map.sites[rename(n, rules)]
+        pair = tensors.pairs[n]
+        rank = pair.rank
+        if tuple(pair.a.shape) != (rank, site.in_features) or tuple(pair.b.shape) != (site.out_features, rank):
+            raise _error(cfg, file, f"lora_A is {tuple(pair.a.shape)} and lora_B is {tuple(pair.b.shape)}, but the "
+                         f"model's layer is {site.out_features}x{site.in_features} (out x in).",
+                         "the adapter was trained on a different base model (size or architecture); serve it on "
+                         "the model it was trained on.", module=n)
+        if site.serving != PER_REQUEST or not site.lora_capable:
+            unservable.append((n, site))
+            continue
+        _, alpha, why = rank_and_alpha(cfg, n, chosen_rule)
+        reason = verdicts[n].reason + (f"; {why}" if why else "")
+        mplan = ModulePlan(n, site.lmdeploy_module, site.slot, rank, alpha, cfg.scaling(rank, alpha),
+                           site.serving, reason)
+        plan.modules.append(mplan)
+        by_site[site.hf_name] = (mplan, pair)
+    if unservable:
+        desc = ", ".join(f"{n!r} ({s.serving})" for n, s in unservable[:4])
+        more = f" and {len(unservable) - 4} more" if len(unservable) > 4 else ""
+        raise _error(cfg, file, f"targets layers LMDeploy cannot serve LoRA on per request yet: {desc}{more}. "
+                     "Dropping them would serve a model different from the one trained.",
+                     "merge the adapter into the base model (`lmdeploy-regex-lora` docs: merging), or retrain "
+                     "without LoRA on the vision tower, projector and LM head.", module=unservable[0][0])
+    return ResolvedAdapter(plan=plan, by_site=by_site)
+
+
+def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[SlotPlan]:
+    """One slot per targeted LMDeploy (module, slot); rank 0 for every adapter that leaves it alone."""
+    num_ids = 1 + len(resolved)
+    by_site: dict[str, SlotPlan] = {}
+    for ra in resolved:
+        for site_name, (m, _) in ra.by_site.items():
+            site = model_map.sites[site_name]
+            slot = by_site.get(site_name)
+            if slot is None:
+                slot = by_site[site_name] = SlotPlan(site.lmdeploy_module, site.slot, site.hf_name,
+                                                     site.in_features, site.out_features, site.base_slice,
+                                                     [0] * num_ids, [0.0] * num_ids, 0)
+            slot.ranks[ra.plan.adapter_id] = m.rank
+            slot.scalings[ra.plan.adapter_id] = m.scaling
+    for slot in by_site.values():
+        slot.kernel_block_rank = kernel_block_rank(max(slot.ranks))
+    return [by_site[k] for k in sorted(by_site)]
