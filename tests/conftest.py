@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny model folders are written once per session (writing + remote-code import is the slow part)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import pytest
+
+from lmdeploy_regex_lora.tiny_models import ARCHS, make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathlib.Path]:
+    """Factory ``tiny_model(arch, num_layers=2) -> folder``, cached per (arch, num_layers) for the session.
+
+    Callers must not modify the folder; write merged / derived models elsewhere.
+    """
+    cache: dict[tuple[str, int], pathlib.Path] = {}
+
+    def get(arch: str, num_layers: int = 2) -> pathlib.Path:
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}")
+        key = (arch, num_layers)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{arch}_l{num_layers}", numbered=True)
+            cache[key] = make_tiny_model(arch, folder, seed=0, num_layers=num_layers)
+        return cache[key]
+
+    return get

@@ -1,0 +1,351 @@
+"""Real PEFT adapters (and PEFT's own merged reference) for the tiny models of ``tiny_models``.
+
+The plugin must reproduce exactly what PEFT computes, so the tests need adapters written by PEFT
+itself on a module tree whose names are the HF model's, and the merged weights PEFT produces from
+them. ms-swift's regex adapters are emulated the way swift made them (see ``make_peft_adapter``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmdeploy_regex_lora.tiny_models import EMBEDDING_LEAVES, detect_arch
+
+__all__ = [
+    "NAMINGS",
+    "NormParams",
+    "hf_name",
+    "build_hf_module_tree",
+    "make_peft_adapter",
+    "merge_adapter_checkpoint",
+    "resolve_regex_targets",
+]
+
+NAMINGS: tuple[str, ...] = ("checkpoint", "tf452")
+
+# Layer types PEFT 0.14's LoRA accepts; a regex that fullmatches anything else makes PEFT raise.
+_PEFT_LORA_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# What swift's ``_create_and_replace_hook`` (v2.x-v3.12) kept when target_modules was a str.
+_SWIFT_KEPT_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.Conv2d)
+
+# internvl_hf: checkpoint prefix (what transformers 5 save_pretrained writes, and the InternVL3-hf
+# checkpoints) -> module prefix of InternVLForConditionalGeneration in transformers >= 4.52.
+_TF452_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head", "lm_head"),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+class NormParams(nn.Module):
+    """Stands in for an HF norm (RMSNorm / LayerNorm): holds its weight (and bias), is not a LoRA target."""
+
+    def __init__(self, size: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size)) if bias else None
+
+
+def hf_name(arch: str, checkpoint_name: str, naming: str = "checkpoint") -> str:
+    """Translate a checkpoint key / module name into the module name under ``naming``.
+
+    ``'checkpoint'`` is the identity. ``'tf452'`` only differs for ``internvl_hf``: transformers>=4.52
+    nests the towers under ``model.`` (``model.language_model.layers.N``, ``model.vision_tower``,
+    ``model.multi_modal_projector``) and puts ``lm_head`` at the top, while the checkpoint (and
+    transformers 5's ``save_pretrained``) keeps ``language_model.model.layers.N``,
+    ``language_model.lm_head``, ``vision_tower``, ``multi_modal_projector``. The remote-code InternVL
+    chat models and plain LLMs have one naming only.
+    """
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
+    if naming == "checkpoint" or arch != "internvl_hf":
+        return checkpoint_name
+    for old, new in _TF452_PREFIXES:
+        if checkpoint_name == old or checkpoint_name.startswith(old if old.endswith(".") else old + "."):
+            return new + checkpoint_name[len(old):]
+    return checkpoint_name
+
+
+def _uses_transformers_class(arch: str, naming: str) -> bool:
+    """Real transformers classes load these folders offline, with exactly the wanted module names."""
+    return arch in ("qwen2", "llama") or (arch == "internvl_hf" and naming == "tf452")
+
+
+def _load_transformers_model(model_dir: pathlib.Path, arch: str) -> nn.Module:
+    """Instantiate the transformers class for a transformers-native tiny model (float32, eval)."""
+    if arch == "internvl_hf":
+        from transformers import InternVLForConditionalGeneration
+
+        model = InternVLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def _child(root: nn.Module, path: str) -> nn.Module:
+    """Get (creating plain containers as needed) the submodule at dotted ``path``."""
+    module = root
+    if not path:
+        return module
+    for part in path.split("."):
+        if part not in module._modules:
+            module.add_module(part, nn.Module())
+        module = module._modules[part]
+    return module
+
+
+def _generic_tree(state: dict[str, torch.Tensor]) -> nn.Module:
+    """nn.Module tree whose names are the (already renamed) keys of ``state``, loaded with it."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        mod, _, leaf = key.rpartition(".")
+        by_module.setdefault(mod, {})[leaf] = tensor
+    parents = {key.rsplit(".", 1)[0] for key in by_module if "." in key}
+    root = nn.Module()
+    for path in sorted(by_module, key=lambda p: (p.count("."), p)):
+        params = by_module[path]
+        typed_leaf = path not in parents and "weight" in params and set(params) <= {"weight", "bias"}
+        if not typed_leaf:
+            holder = _child(root, path)
+            for leaf, tensor in params.items():
+                holder.register_parameter(leaf, nn.Parameter(torch.empty_like(tensor)))
+            continue
+        weight, has_bias = params["weight"], "bias" in params
+        leaf_name = path.rsplit(".", 1)[-1]
+        if weight.dim() == 2 and leaf_name in EMBEDDING_LEAVES:
+            layer: nn.Module = nn.Embedding(weight.shape[0], weight.shape[1])
+        elif weight.dim() == 2:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+        elif weight.dim() == 4:
+            kernel = tuple(weight.shape[2:])
+            layer = nn.Conv2d(weight.shape[1], weight.shape[0], kernel, stride=kernel, bias=has_bias)
+        elif weight.dim() == 1:
+            layer = NormParams(weight.shape[0], bias=has_bias)
+        else:
+            raise ValueError(f"cannot tell the module type of {path!r} (weight shape {tuple(weight.shape)})")
+        parent, _, name = path.rpartition(".")
+        _child(root, parent).add_module(name, layer)
+    root.load_state_dict(state, strict=True)
+    return root.eval()
+
+
+def build_hf_module_tree(model_dir: str | os.PathLike, naming: str = "checkpoint") -> nn.Module:
+    """The HF model's module tree, with the checkpoint weights, as PEFT sees it.
+
+    * ``qwen2`` / ``llama``: the real transformers class (both namings are the same).
+    * ``internvl_hf`` with ``naming='tf452'``: the real ``InternVLForConditionalGeneration`` of the
+      installed transformers (5.x), whose module names are the >=4.52 ones
+      (``model.language_model.layers.N...``, ``model.vision_tower.encoder.layer.N...``,
+      ``model.multi_modal_projector.linear_1``, ``lm_head``); transformers 5 still *writes* the older
+      names to the checkpoint (``language_model.model.*``, ``language_model.lm_head``, ...), which is
+      what ``naming='checkpoint'`` gives.
+    * everything else (InternLM2 and InternVL chat remote code, ``internvl_hf`` checkpoint naming):
+      a generic tree built from the checkpoint keys: ``nn.Linear`` (bias where the checkpoint has
+      one), ``nn.Embedding`` for ``tok_embeddings`` / ``embed_tokens``, ``nn.Conv2d`` for the patch
+      embedding, :class:`NormParams` for norms, loose tensors (``class_embedding``, ``ls1``) as
+      parameters of their container.
+    """
+    folder = pathlib.Path(model_dir)
+    arch = detect_arch(folder)
+    hf_name(arch, "", naming)  # validates naming
+    if _uses_transformers_class(arch, naming):
+        return _load_transformers_model(folder, arch)
+    state = _load_checkpoint(folder)
+    return _generic_tree({hf_name(arch, k, naming): v for k, v in state.items()})
+
+
+def _load_checkpoint(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's safetensors file(s)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    return state
+
+
+def resolve_regex_targets(tree: nn.Module, regex: str, types: Iterable[type[nn.Module]] | None = None) -> list[str]:
+    """Full names of the modules of ``types`` (default: nn.Linear) whose name ``re.fullmatch``-es ``regex``."""
+    kinds = tuple(types) if types is not None else (nn.Linear,)
+    pattern = re.compile(regex)
+    return [name for name, mod in tree.named_modules() if name and isinstance(mod, kinds) and pattern.fullmatch(name)]
+
+
+def _peft_would_reject(tree: nn.Module, regex: str) -> bool:
+    """True when PEFT's own str matching (``re.fullmatch`` on every module name) hits a non-LoRA-able module."""
+    pattern = re.compile(regex)
+    return any(
+        name and pattern.fullmatch(name) and not isinstance(mod, _PEFT_LORA_TYPES)
+        for name, mod in tree.named_modules()
+    )
+
+
+def _swift_targets(tree: nn.Module, regex: str) -> list[str]:
+    """What swift's hook injected for a str target: Linear-like classes, plus Embedding / Conv2d."""
+    pattern = re.compile(regex)
+    names = []
+    for name, mod in tree.named_modules():
+        if not name or not pattern.fullmatch(name):
+            continue
+        if "linear" in type(mod).__name__.lower() or isinstance(mod, _SWIFT_KEPT_TYPES):
+            names.append(name)
+    return names
+
+
+def _seed_for(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"lora:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def _randomise_lora(model: nn.Module, seed: int) -> None:
+    """Deterministic O(0.1) values for every LoRA tensor (lora_B included, so the delta is non-zero)."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            gen = torch.Generator().manual_seed(_seed_for(seed, name))
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.dtype) * 0.1)
+
+
+def make_peft_adapter(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    target_modules: str | list[str],
+    r: int = 8,
+    lora_alpha: int = 16,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
+    seed: int = 0,
+    swift_style: bool | None = None,
+    naming: str = "checkpoint",
+    safe_serialization: bool = True,
+    extra_config: dict[str, Any] | None = None,
+) -> pathlib.Path:
+    """Write a real PEFT LoRA adapter for the tiny model in ``model_dir``; return ``out_dir``.
+
+    ``swift_style`` (only for a str ``target_modules``): old ms-swift regexes also fullmatch
+    non-Linear modules, on which vanilla PEFT raises "Target module ... is not supported"; swift's
+    hook skipped those. Emulation injects the explicit list of matching Linear modules (plus
+    Embedding / Conv2d, which swift's hook also kept) and writes the regex string back into
+    ``adapter_config.json``, as swift's saved config has it. ``None`` emulates only when PEFT would
+    reject the regex, ``True`` always, ``False`` never.
+
+    ``extra_config``: keys that are ``LoraConfig`` fields are passed to it (real PEFT behaviour,
+    e.g. ``modules_to_save``, ``use_dora``); any other key is written verbatim into
+    ``adapter_config.json`` to mimic configs from other PEFT / swift versions.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    tree = build_hf_module_tree(model_dir, naming)
+    regex = target_modules if isinstance(target_modules, str) else None
+    emulate = False
+    if regex is not None:
+        emulate = _peft_would_reject(tree, regex) if swift_style is None else swift_style
+    inject: str | list[str] = _swift_targets(tree, regex) if emulate and regex is not None else target_modules
+    if emulate and not inject:
+        raise ValueError(f"regex {regex!r} matches no LoRA-able module of {model_dir}")
+
+    lora_fields = set(LoraConfig.__dataclass_fields__)
+    extra = dict(extra_config or {})
+    lora_extra = {k: v for k, v in extra.items() if k in lora_fields}
+    json_extra = {k: v for k, v in extra.items() if k not in lora_fields}
+    kwargs: dict[str, Any] = {"lora_dropout": 0.0, "bias": "none"}
+    kwargs.update(lora_extra)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=inject,
+        use_rslora=use_rslora,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        init_lora_weights=False,
+        **kwargs,
+    )
+    peft_model = get_peft_model(tree, config)
+    _randomise_lora(peft_model, seed)
+    out = pathlib.Path(out_dir)
+    peft_model.save_pretrained(str(out), safe_serialization=safe_serialization)
+
+    cfg_path = out / "adapter_config.json"
+    saved = json.loads(cfg_path.read_text())
+    if emulate:
+        saved["target_modules"] = regex
+    if not saved.get("base_model_name_or_path"):
+        saved["base_model_name_or_path"] = str(model_dir)
+    saved.update(json_extra)
+    cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _detect_naming(arch: str, adapter_dir: pathlib.Path) -> str:
+    """Which naming an adapter's keys use (only ``internvl_hf`` has two)."""
+    if arch != "internvl_hf":
+        return "checkpoint"
+    files = sorted(adapter_dir.glob("adapter_model.safetensors"))
+    if files:
+        keys = list(load_file(str(files[0])))
+    else:
+        keys = list(torch.load(str(adapter_dir / "adapter_model.bin"), map_location="cpu", weights_only=True))
+    tf452 = any(k.startswith(("base_model.model.model.", "base_model.model.lm_head.")) for k in keys)
+    return "tf452" if tf452 else "checkpoint"
+
+
+def merge_adapter_checkpoint(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    naming: str | None = None,
+) -> pathlib.Path:
+    """PEFT's reference merge: ``PeftModel.from_pretrained(tree).merge_and_unload()`` written as a model folder.
+
+    The merged tensors are saved under the original checkpoint keys in ``out_dir/model.safetensors``
+    and every non-weight file (config.json, remote-code ``*.py``, generation_config.json, ...) is
+    copied, so LMDeploy loads the folder natively. A str ``target_modules`` that vanilla PEFT would
+    reject (old swift regex) is resolved the way swift injected it. ``naming=None`` reads it from
+    the adapter's keys.
+    """
+    from peft import LoraConfig, PeftModel
+
+    src = pathlib.Path(model_dir)
+    adapter = pathlib.Path(adapter_dir)
+    arch = detect_arch(src)
+    naming = naming or _detect_naming(arch, adapter)
+    tree = build_hf_module_tree(src, naming)
+    config = LoraConfig.from_pretrained(str(adapter))
+    if isinstance(config.target_modules, str) and _peft_would_reject(tree, config.target_modules):
+        config.target_modules = _swift_targets(tree, config.target_modules)
+    peft_model = PeftModel.from_pretrained(tree, str(adapter), config=config)
+    merged = peft_model.merge_and_unload()
+    merged_state = merged.state_dict()
+
+    original = _load_checkpoint(src)
+    out_state: dict[str, torch.Tensor] = {}
+    for key, tensor in original.items():
+        name = hf_name(arch, key, naming)
+        if name not in merged_state:
+            raise KeyError(f"merged model has no {name!r} (checkpoint key {key!r})")
+        out_state[key] = merged_state[name].detach().to(tensor.dtype).contiguous().clone()
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and not item.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
+            shutil.copy2(item, out / item.name)
+    save_file(out_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
