@@ -28,3 +28,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathli
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def plugin_installed():
+    """The plugin's hook in place for the test (LMDeploy's add_adapters wrapped), removed afterwards."""
+    import lmdeploy_regex_lora
+
+    assert lmdeploy_regex_lora.install(), "the plugin stood aside; see the log"
+    import lmdeploy.pytorch.models.patch  # noqa: F401  (the import hook wraps it)
+
+    assert lmdeploy_regex_lora.is_installed()
+    yield
+    lmdeploy_regex_lora.uninstall()
