@@ -1,0 +1,193 @@
+"""Swap LMDeploy's ``add_adapters`` for our loader, reversibly (OpenTelemetry-instrumentor style).
+
+LMDeploy calls ``add_adapters`` through two module globals: ``lmdeploy.pytorch.models.patch``
+defines it and the model agent binds it by name at import time, so both names are wrapped,
+and both are put back on :func:`uninstall`. The wrappers are ``wrapt`` proxies whose
+``__wrapped__`` is LMDeploy's function, so a wrapper that an agent module picked up from
+``patch`` is recognised and never wrapped twice.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import wrapt
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from . import _bootstrap
+
+__all__ = ["SUPPORTED", "install", "uninstall", "is_installed", "is_wrapper", "lmdeploy_version"]
+
+SUPPORTED = SpecifierSet(">=0.15.0,<0.19")
+"""LMDeploy releases whose ``add_adapters`` signature and call site were checked."""
+
+MARKER = "_lmdeploy_regex_lora_wrapper"
+_EXPECTED_PARAMS = ("model", "adapters", "dtype", "device")
+_STAND_ASIDE = "stand-aside"  # one warning budget shared with the bootstrap's "disabled" notice
+
+logger = logging.getLogger(_bootstrap.LOGGER_NAME)
+_lock = threading.RLock()
+_originals: dict[str, Callable[..., Any]] = {}  # module name -> LMDeploy's add_adapters
+_wrappers: dict[Callable[..., Any], AddAdaptersWrapper] = {}  # one wrapper per original
+
+
+class AddAdaptersWrapper(wrapt.FunctionWrapper):
+    """Type of our wrappers; the class attribute is the marker checked by :func:`is_wrapper`."""
+
+    _lmdeploy_regex_lora_wrapper = True
+
+
+def is_wrapper(obj: object) -> bool:
+    """True for our wrapper only; looks at the real type, since proxies forward ``getattr``."""
+    return getattr(type(obj), MARKER, False) is True
+
+
+def lmdeploy_version() -> str | None:
+    """Installed LMDeploy version, read from its metadata so that lmdeploy is not imported."""
+    try:
+        return importlib.metadata.version("lmdeploy")
+    except importlib.metadata.PackageNotFoundError:
+        module = sys.modules.get("lmdeploy")  # e.g. a source checkout on sys.path
+        version = getattr(module, "__version__", None)
+        return version if isinstance(version, str) else None
+
+
+def _stand_aside_reason() -> str | None:
+    """Why the plugin must not touch LMDeploy in this process, or None when it may."""
+    if _bootstrap.env_disabled():
+        return (
+            f"lmdeploy-regex-lora is disabled by {_bootstrap.ENV_DISABLE}; "
+            "LMDeploy's own add_adapters stays in place"
+        )
+    version = lmdeploy_version()
+    try:
+        supported = version is not None and SUPPORTED.contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        supported = False
+    if supported:
+        return None
+    return (
+        f"lmdeploy-regex-lora supports lmdeploy{SUPPORTED} but found lmdeploy {version or '(not installed)'}; "
+        "standing aside, LMDeploy's own add_adapters stays in place"
+    )
+
+
+def _make_wrapper(original: Callable[..., Any], signature: inspect.Signature) -> AddAdaptersWrapper:
+    """Build the proxy that routes LMDeploy's call to :func:`lmdeploy_regex_lora.loader.add_adapters`."""
+
+    def call_loader(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        # Bind against LMDeploy's own signature so its defaults (dtype=torch.float16) still apply.
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        try:
+            from .loader import add_adapters
+        except Exception:  # our loader is broken: LMDeploy's path is better than no model
+            _bootstrap.warn_once(
+                "loader-import",
+                "lmdeploy-regex-lora: loader failed to import; using LMDeploy's add_adapters",
+                exc_info=True,
+            )
+            return wrapped(*args, **kwargs)
+        import torch  # already loaded by LMDeploy; local so that importing this module stays light
+
+        # LMDeploy's function is decorated with @torch.inference_mode(): keep the same context.
+        # Its caller (BaseModelAgent._build_model) ignores the return value; pass ours through.
+        with torch.inference_mode():
+            return add_adapters(
+                bound.arguments["model"],
+                bound.arguments["adapters"],
+                dtype=bound.arguments["dtype"],
+                device=bound.arguments["device"],
+            )
+
+    return AddAdaptersWrapper(original, call_loader)
+
+
+def _wrap_module(module: ModuleType) -> None:
+    """Wrap ``module.add_adapters`` unless it is absent or already ours (recording the original)."""
+    current = getattr(module, "add_adapters", None)
+    if current is None:
+        return
+    name = module.__name__
+    if is_wrapper(current):  # e.g. the agent bound patch's wrapper by name
+        _originals[name] = current.__wrapped__
+        return
+    if not callable(current):
+        return
+    signature = inspect.signature(current)
+    if tuple(signature.parameters) != _EXPECTED_PARAMS:
+        _bootstrap.warn_once(
+            "signature",
+            f"lmdeploy-regex-lora: {name}.add_adapters{signature} is not the expected "
+            f"({', '.join(_EXPECTED_PARAMS)}); leaving it unwrapped",
+        )
+        return
+    wrapper = _wrappers.get(current)
+    if wrapper is None:
+        wrapper = _wrappers[current] = _make_wrapper(current, signature)
+    _originals[name] = current
+    module.add_adapters = wrapper
+    logger.debug("wrapped %s.add_adapters", name)
+
+
+def install() -> bool:
+    """Wrap every imported target module and hook the rest; idempotent.
+
+    Returns False (after one warning per process) when disabled or LMDeploy is out of range.
+    """
+    with _lock:
+        reason = _stand_aside_reason()
+        if reason is not None:
+            _bootstrap.warn_once(_STAND_ASIDE, reason)
+            uninstall()
+            return False
+        _bootstrap.register(disabled=False)
+        for name in _bootstrap.TARGET_MODULES:
+            module = sys.modules.get(name)
+            if module is not None:
+                _wrap_module(module)
+        return True
+
+
+def uninstall() -> None:
+    """Remove the import hook and put LMDeploy's original function objects back; idempotent."""
+    with _lock:
+        _bootstrap.unregister()
+        names = set(_originals) | set(_bootstrap.TARGET_MODULES)
+        for name in names:
+            module = sys.modules.get(name)
+            current = getattr(module, "add_adapters", None) if module is not None else None
+            if module is None or not is_wrapper(current):
+                continue  # absent, untouched, or re-wrapped by someone else: leave it alone
+            module.add_adapters = _originals.get(name, current.__wrapped__)
+        _originals.clear()
+        _wrappers.clear()
+
+
+def is_installed() -> bool:
+    """True when the hook is active and every imported target module holds our wrapper."""
+    with _lock:
+        finder = _bootstrap.installed_finder()
+        if finder is None or finder.disabled or _stand_aside_reason() is not None:
+            return False
+        for name in _bootstrap.TARGET_MODULES:
+            module = sys.modules.get(name)
+            current = getattr(module, "add_adapters", None) if module is not None else None
+            if current is not None and not is_wrapper(current):
+                return False
+        return True
+
+
+def on_module_loaded(module: ModuleType) -> None:
+    """Post-import callback of the bootstrap finder: activate (once) and wrap ``module``."""
+    with _lock:
+        if install():
+            _wrap_module(module)
