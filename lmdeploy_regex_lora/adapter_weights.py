@@ -6,7 +6,7 @@ The tensors are the ground truth of what was trained: module names and ranks com
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,10 @@ class LoraPair:
 class AdapterTensors:
     file: str
     pairs: dict[str, LoraPair]
+    #: Full weights saved next to the LoRA tensors (PEFT's ``save_embedding_layers`` writes the LM head /
+    #: embedding as ``<module>.base_layer.weight``): key -> (module name, tensor). They change nothing
+    #: when they equal the served model's weights; the plan checks that.
+    base_copies: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def find_weights_file(name: str, path: str) -> str:
@@ -95,6 +99,7 @@ def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
         raise AdapterError("holds no tensors.", adapter=name, file=file, fix="save the adapter again.")
 
     halves: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    base_copies: dict[str, tuple[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         reason = _refusal_for_key(key)
         if reason:
@@ -104,6 +109,10 @@ def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
             raise AdapterError(f"tensor {key!r} does not start with {PREFIX!r}, so it is not a PEFT adapter tensor.",
                                adapter=name, file=file, fix="save the adapter with PEFT's save_pretrained.")
         body = key[len(PREFIX):]
+        if body.endswith(".weight") and ".lora_" not in body:
+            module = body[: -len(".weight")].removesuffix(".base_layer")
+            base_copies[key] = (module, tensor)
+            continue
         parts = body.rsplit(".", 2)
         if len(parts) != 3 or parts[1] not in ("lora_A", "lora_B") or parts[2] != "weight":
             raise AdapterError(f"tensor {key!r} is not a LoRA weight (lora_A/lora_B); it would replace or add "
@@ -135,4 +144,4 @@ def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
                                "disagree.", adapter=name, file=file, module=module,
                                fix="the weights file is damaged or mixes two adapters; save it again.")
         pairs[module] = LoraPair(module=module, a=a, b=b, a_key=a_key, b_key=b_key)
-    return AdapterTensors(file=file, pairs=pairs)
+    return AdapterTensors(file=file, pairs=pairs, base_copies=base_copies)

@@ -153,6 +153,15 @@ class ModelMap:
         self.sites[name] = Site(name, name, leaf, mod.in_features, mod.out_features, (0, mod.out_features),
                                 serving, interleaved_qkv=interleaved)
 
+    def base_weight(self, name: str) -> torch.Tensor | None:
+        """The served weight of checkpoint module ``name`` (this rank's shard), or None when LMDeploy has none."""
+        if not hasattr(self, "_params"):
+            self._params = dict(self.model.named_parameters())
+        param = self._params.get(f"{name}.weight")
+        if param is None and name in self.sites:
+            param = self._params.get(f"{self.sites[name].lmdeploy_module}.weight")
+        return param
+
     # -- naming ---------------------------------------------------------------------------------------
     def choose_scheme(self, adapter: str, file: str, tensor_modules: list[str]) -> tuple[str, tuple]:
         """Pick the naming scheme under which every tensor of the adapter names a linear layer of the model."""

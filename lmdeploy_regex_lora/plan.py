@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from .adapter_config import AdapterConfig
 from .adapter_weights import AdapterTensors, LoraPair
 from .errors import AdapterError
 from .matching import LAYER_RULES, PATTERN_RULES, TargetMatcher, pattern_rule_for, rank_and_alpha
-from .model_map import PER_REQUEST, ModelMap, Site, rename, unrename
+from .model_map import LM_HEAD, PER_REQUEST, ModelMap, Site, rename, unrename
 
 #: LMDeploy's Triton LoRA kernel sizes a block with ``tl.arange(0, max(16, max_rank))``: it must be a
 #: power of two. The kernel masks rows past each adapter's own rank, so rounding up is exact.
@@ -70,6 +72,7 @@ class SlotPlan:
     ranks: list[int]  # per adapter id; id 0 is "no adapter" and always 0
     scalings: list[float]
     kernel_block_rank: int
+    serving: str = PER_REQUEST  # LM_HEAD slots map their rows to requests themselves (lm_head.py)
 
 
 @dataclass
@@ -174,6 +177,8 @@ def resolve_adapter(
                      f"{_describe(missing)}.", "the weights file is incomplete or belongs to another config; "
                      "save the adapter again.", module=first)
 
+    _check_base_copies(cfg, tensors, rules, model_map)
+
     # Ranks come from the tensors; alpha (and the check of r) from the config under the PEFT rule
     # that reproduces those ranks.
     preferred = pattern_rule_for(cfg)
@@ -207,7 +212,7 @@ def resolve_adapter(
                          f"model's layer is {site.out_features}x{site.in_features} (out x in).",
                          "the adapter was trained on a different base model (size or architecture); serve it on "
                          "the model it was trained on.", module=n)
-        if site.serving != PER_REQUEST or not site.lora_capable:
+        if site.serving not in (PER_REQUEST, LM_HEAD) or not site.lora_capable:
             unservable.append((n, site))
             continue
         _, alpha, why = rank_and_alpha(cfg, n, chosen_rule)
@@ -226,6 +231,27 @@ def resolve_adapter(
     return ResolvedAdapter(plan=plan, by_site=by_site)
 
 
+def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, rules: tuple, model_map: ModelMap) -> None:
+    """Full weights saved beside the LoRA tensors must equal what the model serves, or we refuse."""
+    for key, (module, tensor) in sorted(tensors.base_copies.items()):
+        served = model_map.base_weight(rename(module, rules))
+        same = False
+        if served is not None:
+            local = tensor
+            if tuple(served.shape) != tuple(tensor.shape) and tensor.shape[0] % served.shape[0] == 0:
+                from lmdeploy.pytorch.distributed import get_tp_world_rank
+
+                world, rank = get_tp_world_rank()
+                if world * served.shape[0] == tensor.shape[0]:
+                    local = tensor.chunk(world, 0)[rank]
+            same = tuple(served.shape) == tuple(local.shape) and torch.equal(
+                local.to(device=served.device, dtype=served.dtype), served.detach())
+        if not same:
+            raise _error(cfg, tensors.file, f"tensor {key!r} is a full weight that differs from the served model's "
+                         "(a resized vocabulary, modules_to_save, or another base model); LoRA slots cannot carry "
+                         "it.", "merge the adapter into the base model and serve the merge.", module=module)
+
+
 def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[SlotPlan]:
     """One slot per targeted LMDeploy (module, slot); rank 0 for every adapter that leaves it alone."""
     num_ids = 1 + len(resolved)
@@ -237,7 +263,7 @@ def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[Sl
             if slot is None:
                 slot = by_site[site_name] = SlotPlan(site.lmdeploy_module, site.slot, site.hf_name,
                                                      site.in_features, site.out_features, site.base_slice,
-                                                     [0] * num_ids, [0.0] * num_ids, 0)
+                                                     [0] * num_ids, [0.0] * num_ids, 0, site.serving)
             slot.ranks[ra.plan.adapter_id] = m.rank
             slot.scalings[ra.plan.adapter_id] = m.scaling
     for slot in by_site.values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import AdapterError
+from .model_map import LM_HEAD
 from .plan import ResolvedAdapter, SlotPlan
 
 
@@ -25,6 +26,8 @@ def deinterleave_qkv_rows(b: torch.Tensor, num_kv_heads: int, q_per_kv: int, hea
 def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: torch.dtype, device: torch.device):
     from lmdeploy.pytorch.nn.linear import LoRA
 
+    from .lm_head import RowLoRA
+
     mod = modules[slot.lmdeploy_module]
     ranks = torch.tensor(slot.ranks, dtype=torch.long, device=device)
     scalings = torch.tensor(slot.scalings, dtype=torch.float32, device=device)
@@ -32,7 +35,7 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
     lora_a = torch.zeros((sum_rank, mod.in_features), dtype=dtype, device=device)
     lora_b = torch.zeros((sum_rank, slot.base_slice[1] - slot.base_slice[0]), dtype=dtype, device=device)
     packed = slot.slot != slot.lmdeploy_module.rsplit(".", 1)[-1]
-    lora = LoRA(
+    lora = (RowLoRA if slot.serving == LM_HEAD else LoRA)(
         mod.in_features,
         slot.base_slice[1] - slot.base_slice[0],
         ranks=ranks,
@@ -88,6 +91,10 @@ def install_slots(
                                    adapter=ra.plan.name, file=ra.plan.weights_file, module=mplan.hf_name,
                                    fix="this is a bug in lmdeploy-regex-lora; please report it with the "
                                        "adapter_config.json.") from exc
+    if any(s.serving == LM_HEAD for s in slots):
+        from .lm_head import install_step_recorder
+
+        install_step_recorder(model.ctx_mgr)
     attached = []
     try:
         for slot in slots:

@@ -48,6 +48,17 @@ CASES = {
         dict(target_modules=r"^(language_model(?=\.).*\.(q_proj|k_proj|v_proj))$", r=8, lora_alpha=8,
              use_rslora=True),
     ]),
+    # swift >= 3.4.1 default for InternVL2-2B/8B/26B: the regex also matches InternLM2's LM head
+    # (`language_model.output`), served per request by the LM-head slot.
+    "internvl2-swift-v3.4-lm-head": ("internvl2_internlm2", "checkpoint", [
+        dict(target_modules=rf"^(language_model.*\.(output|{INTERNLM2_LEAVES}))$", r=24, lora_alpha=16),
+        dict(target_modules=r"^(language_model(?=\.).*\.(output|w2|w3|w1|wo|wqkv))$", r=8, lora_alpha=32,
+             use_rslora=True),
+    ]),
+    "qwen2-lm-head-list": ("qwen2", "checkpoint", [
+        dict(target_modules=["q_proj", "lm_head"], r=16, lora_alpha=16),
+        dict(target_modules=rf"^(model.*\.({QWEN_LEAVES}))$", r=8, lora_alpha=8),
+    ]),
     "internvl-hf-tf452": ("internvl_hf", "tf452", [
         dict(target_modules=rf"^(model\.language_model(?=\.).*\.({QWEN_LEAVES}))$", r=24, lora_alpha=32),
         dict(target_modules=["gate_proj", "up_proj"], r=8, lora_alpha=16),
