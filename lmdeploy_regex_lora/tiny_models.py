@@ -11,10 +11,18 @@ builds on CPU exactly as it would build the full-size models:
   InternLM2), with the ``configuration_*.py`` files LMDeploy reads through ``trust_remote_code``.
 * ``internvl_qwen2``: the same wrapper around a Qwen2 LLM (InternVL2.5-1B style).
 * ``internvl_hf``: transformers' own ``InternVLForConditionalGeneration`` (InternVL3-hf style).
+* ``qwen2_vl`` / ``qwen2_5_vl``: ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
+  (Qwen2 LLM under ``model.*`` + ``lm_head``, vision tower under ``visual.*`` with a fused ``attn.qkv``).
+* ``llava``: ``LlavaForConditionalGeneration`` in the llava-hf layout (llava-1.5 style: CLIP vision tower
+  ``vision_tower.vision_model.*``, ``multi_modal_projector.linear_1/linear_2``, Llama LLM under
+  ``language_model.*``).
 
 Checkpoint keys are written by hand, in the names the real checkpoints use (for ``internvl_hf``
 that is what transformers 5 ``save_pretrained`` writes: ``language_model.model.*``,
-``language_model.lm_head``, ``vision_tower.*``, ``multi_modal_projector.*``). No modeling code is
+``language_model.lm_head``, ``vision_tower.*``, ``multi_modal_projector.*``; for ``llava`` it is the
+llava-hf Hub layout, ``vision_tower.vision_model.*``, which LMDeploy requires and transformers 5 no
+longer writes). Config files follow the Hub's (Qwen2-VL's flat LLM fields, LLaVA's nested
+``text_config``, which must name its ``architectures`` for LMDeploy). No modeling code is
 written: LMDeploy only reads the config and the class *name*. No tokenizer is written either;
 LMDeploy's model build does not need one.
 
@@ -44,7 +52,8 @@ __all__ = [
     "deinterleave_internlm2_wqkv",
 ]
 
-ARCHS: tuple[str, ...] = ("qwen2", "llama", "internlm2", "internvl2_internlm2", "internvl_qwen2", "internvl_hf")
+ARCHS: tuple[str, ...] = ("qwen2", "llama", "internlm2", "internvl2_internlm2", "internvl_qwen2", "internvl_hf",
+                          "qwen2_vl", "qwen2_5_vl", "llava")
 
 # LLM sizes: GQA (4 query heads share 2 kv heads), head_dim 16.
 VOCAB = 128
@@ -62,10 +71,18 @@ PATCH_SIZE = 14
 NUM_POSITIONS = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1
 DOWNSAMPLE = 0.5
 PROJ_IN = VIT_HIDDEN * int(1 / DOWNSAMPLE) ** 2
+# Qwen2-VL / Qwen2.5-VL: patches are (3 channels, 2 frames, 14, 14); the merger joins 2x2 patches.
+TEMPORAL_PATCH = 2
+SPATIAL_MERGE = 2
+MERGER_IN = VIT_HIDDEN * SPATIAL_MERGE**2
+# Qwen2-VL's multimodal RoPE splits the LLM's head_dim / 2 rotary frequencies over (t, h, w).
+MROPE_SECTION = [2, 3, 3]
 BOS, EOS, PAD = 1, 2, 0
 
 # Module leaf names that hold 2-D weights but are embeddings, not Linear layers.
-EMBEDDING_LEAVES = frozenset({"embed_tokens", "tok_embeddings", "wte", "word_embeddings"})
+EMBEDDING_LEAVES = frozenset({"embed_tokens", "tok_embeddings", "wte", "word_embeddings", "position_embedding"})
+# Of those, the token embeddings: LMDeploy builds them with ``padding_idx`` (CLIP's position table has none).
+TOKEN_EMBEDDING_LEAVES = frozenset({"embed_tokens", "tok_embeddings", "wte", "word_embeddings"})
 
 Spec = dict[str, tuple[int, ...]]
 
@@ -453,6 +470,129 @@ def _internvl_hf_config(num_layers: int) -> dict[str, Any]:
     }
 
 
+def _qwen2_vl_vision_spec(num_layers: int, v25: bool) -> Spec:
+    """Checkpoint keys of the Qwen2-VL / Qwen2.5-VL vision tower (``visual.*``), Hub names.
+
+    Qwen2-VL: LayerNorm (weight + bias) and a ``fc1/fc2`` MLP; Qwen2.5-VL: RMSNorm (weight only) and a
+    gated ``gate_proj/up_proj/down_proj`` MLP with biases. Both fuse attention into ``attn.qkv``.
+    """
+    c = VIT_HIDDEN
+    spec: Spec = {"visual.patch_embed.proj.weight": (c, 3, TEMPORAL_PATCH, PATCH_SIZE, PATCH_SIZE)}
+    mlp = (("mlp.gate_proj", (VIT_INTERMEDIATE, c)), ("mlp.up_proj", (VIT_INTERMEDIATE, c)),
+           ("mlp.down_proj", (c, VIT_INTERMEDIATE))) if v25 else (
+        ("mlp.fc1", (VIT_INTERMEDIATE, c)), ("mlp.fc2", (c, VIT_INTERMEDIATE)))
+    for i in range(num_layers):
+        p = f"visual.blocks.{i}."
+        for name in ("norm1", "norm2"):
+            spec[f"{p}{name}.weight"] = (c,)
+            if not v25:
+                spec[f"{p}{name}.bias"] = (c,)
+        for name, shape in (("attn.qkv", (3 * c, c)), ("attn.proj", (c, c)), *mlp):
+            spec[f"{p}{name}.weight"] = shape
+            spec[f"{p}{name}.bias"] = (shape[0],)
+    spec["visual.merger.ln_q.weight"] = (c,)
+    if not v25:
+        spec["visual.merger.ln_q.bias"] = (c,)
+    spec.update({
+        "visual.merger.mlp.0.weight": (MERGER_IN, MERGER_IN), "visual.merger.mlp.0.bias": (MERGER_IN,),
+        "visual.merger.mlp.2.weight": (HIDDEN, MERGER_IN), "visual.merger.mlp.2.bias": (HIDDEN,),
+    })
+    return spec
+
+
+def _clip_vision_spec(num_layers: int) -> Spec:
+    """Checkpoint keys of llava-hf's CLIP tower (``vision_tower.vision_model.*``) and its projector."""
+    c = VIT_HIDDEN
+    v = "vision_tower.vision_model."
+    spec: Spec = {
+        f"{v}embeddings.class_embedding": (c,),
+        f"{v}embeddings.patch_embedding.weight": (c, 3, PATCH_SIZE, PATCH_SIZE),
+        f"{v}embeddings.position_embedding.weight": (NUM_POSITIONS, c),
+        f"{v}pre_layrnorm.weight": (c,), f"{v}pre_layrnorm.bias": (c,),
+    }
+    for i in range(num_layers):
+        p = f"{v}encoder.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (c, c)), ("self_attn.k_proj", (c, c)), ("self_attn.v_proj", (c, c)),
+                            ("self_attn.out_proj", (c, c)),
+                            ("mlp.fc1", (VIT_INTERMEDIATE, c)), ("mlp.fc2", (c, VIT_INTERMEDIATE))):
+            spec[f"{p}{name}.weight"] = shape
+            spec[f"{p}{name}.bias"] = (shape[0],)
+        for name in ("layer_norm1", "layer_norm2"):
+            spec[f"{p}{name}.weight"] = (c,)
+            spec[f"{p}{name}.bias"] = (c,)
+    spec.update({
+        f"{v}post_layernorm.weight": (c,), f"{v}post_layernorm.bias": (c,),
+        "multi_modal_projector.linear_1.weight": (HIDDEN, c), "multi_modal_projector.linear_1.bias": (HIDDEN,),
+        "multi_modal_projector.linear_2.weight": (HIDDEN, HIDDEN), "multi_modal_projector.linear_2.bias": (HIDDEN,),
+    })
+    return spec
+
+
+def _qwen2_vl_config(num_layers: int, v25: bool) -> dict[str, Any]:
+    """config.json body of Qwen2-VL / Qwen2.5-VL, in the Hub's flat layout (LLM fields at the top level)."""
+    arch = "Qwen2_5_VLForConditionalGeneration" if v25 else "Qwen2VLForConditionalGeneration"
+    cfg = _llama_like_config("qwen2", arch, num_layers, bias=True)
+    cfg.update(
+        model_type="qwen2_5_vl" if v25 else "qwen2_vl",
+        rope_scaling={"type": "mrope", "mrope_section": list(MROPE_SECTION)},
+        vision_start_token_id=VOCAB - 4,
+        vision_end_token_id=VOCAB - 3,
+        video_token_id=VOCAB - 2,
+        image_token_id=VOCAB - 1,
+    )
+    vision: dict[str, Any] = {
+        "depth": num_layers,
+        "num_heads": VIT_HEADS,
+        "in_channels": 3,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": SPATIAL_MERGE,
+        "temporal_patch_size": TEMPORAL_PATCH,
+    }
+    if v25:
+        vision.update(model_type="qwen2_5_vl_vision", hidden_size=VIT_HIDDEN, out_hidden_size=HIDDEN,
+                      intermediate_size=VIT_INTERMEDIATE, hidden_act="silu", window_size=112,
+                      fullatt_block_indexes=[num_layers - 1], tokens_per_second=2)
+    else:
+        vision.update(model_type="qwen2_vl_vision", embed_dim=VIT_HIDDEN, hidden_size=HIDDEN,
+                      mlp_ratio=VIT_INTERMEDIATE // VIT_HIDDEN, hidden_act="quick_gelu")
+    cfg["vision_config"] = vision
+    return cfg
+
+
+def _llava_config(num_layers: int) -> dict[str, Any]:
+    """config.json body of llava-hf's LlavaForConditionalGeneration (llava-1.5 style, Llama LLM).
+
+    ``text_config`` names its ``architectures``: LMDeploy builds the LLM from it and fails without.
+    """
+    text = _llama_like_config("llama", "LlamaForCausalLM", num_layers, bias=False)
+    text.pop("torch_dtype")
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": VOCAB - 1,
+        "image_seq_length": (IMAGE_SIZE // PATCH_SIZE) ** 2,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "text_config": text,
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": VIT_HIDDEN,
+            "intermediate_size": VIT_INTERMEDIATE,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": VIT_HEADS,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+            "num_channels": 3,
+            "projection_dim": HIDDEN,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+    }
+
+
 _Built = tuple[dict[str, Any], dict[str, str], Spec]
 
 
@@ -496,6 +636,18 @@ def _build_internvl_hf(n: int) -> _Built:
     return _internvl_hf_config(n), {}, spec
 
 
+def _build_qwen2_vl(n: int) -> _Built:
+    return _qwen2_vl_config(n, v25=False), {}, {**_llama_like_spec("", n, True), **_qwen2_vl_vision_spec(n, False)}
+
+
+def _build_qwen2_5_vl(n: int) -> _Built:
+    return _qwen2_vl_config(n, v25=True), {}, {**_llama_like_spec("", n, True), **_qwen2_vl_vision_spec(n, True)}
+
+
+def _build_llava(n: int) -> _Built:
+    return _llava_config(n), {}, {**_clip_vision_spec(n), **_llama_like_spec("language_model.", n, False)}
+
+
 _BUILDERS: dict[str, Callable[[int], _Built]] = {
     "qwen2": _build_qwen2,
     "llama": _build_llama,
@@ -503,6 +655,9 @@ _BUILDERS: dict[str, Callable[[int], _Built]] = {
     "internvl2_internlm2": _build_internvl2_internlm2,
     "internvl_qwen2": _build_internvl_qwen2,
     "internvl_hf": _build_internvl_hf,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "llava": _build_llava,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +680,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor
     parts = name.split(".")
     if len(shape) == 1 and parts[-1] != "bias":  # norm weights, InternViT ls1/ls2, lambda_1/2
         return noise + 1.0
-    if len(parts) > 1 and parts[-2] in EMBEDDING_LEAVES:
+    if len(parts) > 1 and parts[-2] in TOKEN_EMBEDDING_LEAVES:
         # LMDeploy zeroes the padding_idx row when loading (as HF's init does): keep checkpoint == model
         noise[PAD] = 0.0
     return noise
@@ -543,6 +698,9 @@ def detect_arch(model_dir: str | os.PathLike) -> str:
         "LlamaForCausalLM": "llama",
         "InternLM2ForCausalLM": "internlm2",
         "InternVLForConditionalGeneration": "internvl_hf",
+        "Qwen2VLForConditionalGeneration": "qwen2_vl",
+        "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+        "LlavaForConditionalGeneration": "llava",
     }
     if arch not in simple:
         raise ValueError(f"unknown architecture {arch!r} in {model_dir}")
