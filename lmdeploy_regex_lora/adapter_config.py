@@ -21,20 +21,44 @@ logger = logging.getLogger("lmdeploy.regex_lora")
 
 CONFIG_NAME = "adapter_config.json"
 
-# Keys PEFT (0.10 .. 0.21) or ms-swift write that do not change what the adapter computes at inference.
+# Keys PEFT (0.10 .. 0.21) or ms-swift write that do not change what the adapter computes at inference
+# (training-only settings, bookkeeping, initialisation recipes whose result is in the tensors).
+# ``velora_config`` swaps only LoRA A's backward pass; ``init_lora_weights='mica'`` freezes B during
+# training: both forward exactly as LoRA.
 _HARMLESS_KEYS = frozenset(
     {
         "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
         "lora_dropout", "megatron_config", "megatron_core", "loftq_config", "eva_config",
-        "runtime_config", "corda_config", "qalora_group_size", "use_qalora", "alora_invocation_tokens",
-        "arrow_config", "ensure_weight_tying", "peft_version", "lora_ga_config", "model_key_mapping",
+        "runtime_config", "corda_config", "qalora_group_size", "ensure_weight_tying", "peft_version",
+        "lora_ga_config", "velora_config", "model_key_mapping",
     }
 )
 
+_MERGE_FIX = ("merge the adapter into the base model (PEFT's merge_and_unload, or `swift export --merge_lora true`) "
+              "and serve the merged model.")
+
+#: Fields whose set value makes PEFT compute something other than additive LoRA on linear layers,
+#: with why. "Set" means truthy, as PEFT tests them; all are refused with the merge as the fix.
+REFUSED_FIELDS: dict[str, str] = {
+    "use_dora": "DoRA rescales the merged weight by a learned magnitude; it is not an additive LoRA delta",
+    "modules_to_save": "the adapter carries full replacement weights for these modules, which LoRA slots "
+                       "cannot hold",
+    "trainable_token_indices": "the adapter replaces rows of the embedding matrix (trainable tokens)",
+    "target_parameters": "LoRA on raw parameters (e.g. MoE expert weights) is not LoRA on a linear layer",
+    "layer_replication": "the adapter duplicates decoder layers, so the served model would have a different depth",
+    "use_qalora": "QALoRA feeds lora_A a group-pooled input, not the layer input",
+    "alora_invocation_tokens": "Activated LoRA applies the adapter only from the invocation tokens on, which "
+                               "LMDeploy cannot do per token",
+    "arrow_config": "Arrow routes each token over several LoRA experts",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors, not plain lora_A/lora_B matrices",
+    "monteclora_config": "MonteCLoRA samples the LoRA weights (variational Monte Carlo)",
+    "kasa_config": "KaSA truncates the base weight's singular values and inserts a learned diagonal between "
+                   "lora_A and lora_B",
+}
+
 # init_lora_weights values whose training rewrote the base weights: the raw checkpoint only
 # reproduces the trained model on top of that rewritten base.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -88,11 +112,12 @@ def _number_map(name: str, file: str, key: str, value: Any, kind: type) -> dict:
         raise _err(name, file, key, f"must be an object mapping module patterns to numbers, got {value!r}.",
                    "fix the field or remove it.")
     out = {}
-    for k, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
-            raise _err(name, file, key, f"entry {k!r} must be a {kind.__name__}, got {v!r}.",
-                       "fix the entry or remove it.")
-        if v <= 0:
+    for k, v in value.items():  # dict order is kept: PEFT >= 0.15 applies the first key that matches
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or (kind is int and v != int(v)):
+            raise _err(name, file, key, f"entry {k!r} must be a {'positive integer' if kind is int else 'number'}, "
+                       f"got {v!r}.", "fix the entry or remove it.")
+        if kind is int and v <= 0:  # PEFT raises on a rank <= 0; any finite alpha is valid to PEFT
             raise _err(name, file, key, f"entry {k!r} must be positive, got {v!r}.", "fix the entry.")
         out[k] = kind(v)
     return out
@@ -101,6 +126,47 @@ def _number_map(name: str, file: str, key: str, value: Any, kind: type) -> dict:
 def _refuse_if(cond: bool, name: str, file: str, key: str, problem: str, fix: str) -> None:
     if cond:
         raise _err(name, file, key, problem, fix)
+
+
+def _int_or_ints(name: str, file: str, value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    _refuse_if(not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value),
+               name, file, "layers_to_transform", f"must be an int or a list of ints, got {value!r}.",
+               "fix the field.")
+    return tuple(value) or None  # PEFT treats an empty list as "no layer selection"
+
+
+def _str_or_strs(name: str, file: str, value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, str):
+        return (value,) if value else None  # PEFT: an empty pattern means "any layer list"
+    _refuse_if(not isinstance(value, list) or not all(isinstance(p, str) for p in value), name, file,
+               "layers_pattern", f"must be a string or a list of strings, got {value!r}.", "fix the field.")
+    return tuple(value) or None
+
+
+def _bias_tensors(name: str, path: str, lora_b: bool) -> list[str] | None:
+    """Bias tensors in the adapter's safetensors file (``lora_B`` or base-layer biases); None if not known here.
+
+    Only the key names in the safetensors header are read. PEFT saves base-layer biases for
+    ``bias='all'`` when the layers have any, and ``lora_B`` biases for ``lora_bias=true``; when there
+    are none, PEFT itself loads the adapter onto the untouched base biases, which is what we serve.
+    A pickle (``adapter_model.bin``) is left to the weights reader, which refuses bias tensors too.
+    """
+    from .adapter_weights import find_weights_file, read_regular_file
+
+    try:
+        file = find_weights_file(name, path)
+        if not file.endswith(".safetensors"):
+            return None
+        data = read_regular_file(name, file, what="weights file")
+        size = int.from_bytes(data[:8], "little")
+        keys = [k for k in json.loads(data[8:8 + size].decode("utf-8")) if k != "__metadata__"]
+    except (AdapterError, ValueError, TypeError):  # the weights reader refuses it with its own message
+        return None
+    if lora_b:
+        return [k for k in keys if k.endswith(".lora_B.bias")]
+    return [k for k in keys if k.endswith(".bias") and ".lora_" not in k]
 
 
 def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]) -> AdapterConfig:
@@ -112,9 +178,9 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
 
     peft_type = raw.get("peft_type", "LORA")
     _refuse_if(not isinstance(peft_type, str) or peft_type.upper() != "LORA", name, file, "peft_type",
-               f"peft_type is {peft_type!r}; only plain LoRA adapters can be served.",
-               "merge this adapter into the base model (e.g. `swift export --merge_lora true`) and serve the merge.")
+               f"peft_type is {peft_type!r}; only plain LoRA adapters can be served.", _MERGE_FIX)
 
+    # PEFT's LoraConfig defaults: r=8, lora_alpha=8.
     r = raw.get("r", 8)
     _refuse_if(isinstance(r, bool) or not isinstance(r, int) or r <= 0, name, file, "r",
                f"must be a positive integer, got {r!r}.", "set it to the rank the adapter was trained with.")
@@ -128,34 +194,18 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
                "use the adapter_config.json written by the training run; it always lists the targets.")
     exclude_modules = _str_or_list(name, file, "exclude_modules", raw.get("exclude_modules"))
 
-    layers_to_transform = raw.get("layers_to_transform")
-    if isinstance(layers_to_transform, int) and not isinstance(layers_to_transform, bool):
-        layers_to_transform = (layers_to_transform,)
-    elif layers_to_transform is not None:
-        _refuse_if(not isinstance(layers_to_transform, list)
-                   or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers_to_transform),
-                   name, file, "layers_to_transform", f"must be an int or a list of ints, got {layers_to_transform!r}.",
-                   "fix the field.")
-        # PEFT treats an empty list as "no layer selection".
-        layers_to_transform = tuple(layers_to_transform) or None
-    layers_pattern = raw.get("layers_pattern")
-    if isinstance(layers_pattern, str):
-        layers_pattern = (layers_pattern,)
-    elif layers_pattern is not None:
-        _refuse_if(not isinstance(layers_pattern, list) or not all(isinstance(p, str) for p in layers_pattern),
-                   name, file, "layers_pattern", f"must be a string or a list of strings, got {layers_pattern!r}.",
-                   "fix the field.")
-        layers_pattern = tuple(layers_pattern) or None
+    # LoraConfig.__post_init__ refuses these combinations (tested on the raw values, as PEFT does);
+    # such a config was never trained.
+    raw_layers, raw_pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
     if isinstance(target_modules, str):
-        # PEFT's LoraConfig.__post_init__ refuses these combinations; such a config was never trained.
-        _refuse_if(layers_to_transform is not None, name, file, "layers_to_transform",
-                   "cannot be used when target_modules is a regex string (PEFT refuses this config too).",
-                   "encode the layer selection in the regex and drop layers_to_transform.")
-        _refuse_if(layers_pattern is not None, name, file, "layers_pattern",
-                   "cannot be used when target_modules is a regex string (PEFT refuses this config too).",
-                   "encode the layer selection in the regex and drop layers_pattern.")
-    _refuse_if(layers_pattern is not None and layers_to_transform is None, name, file, "layers_pattern",
+        for key, value in (("layers_to_transform", raw_layers), ("layers_pattern", raw_pattern)):
+            _refuse_if(value is not None, name, file, key,
+                       "cannot be used when target_modules is a regex string (PEFT refuses this config too).",
+                       f"encode the layer selection in the regex and drop {key}.")
+    _refuse_if(bool(raw_pattern) and raw_layers is None, name, file, "layers_pattern",
                "is set without layers_to_transform (PEFT refuses this config).", "drop layers_pattern.")
+    layers_to_transform = _int_or_ints(name, file, raw_layers) if raw_layers is not None else None
+    layers_pattern = _str_or_strs(name, file, raw_pattern) if raw_pattern is not None else None
 
     rank_pattern = _number_map(name, file, "rank_pattern", raw.get("rank_pattern"), int)
     alpha_pattern = _number_map(name, file, "alpha_pattern", raw.get("alpha_pattern"), float)
@@ -166,38 +216,43 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
     fan_in_fan_out = raw.get("fan_in_fan_out", False)
     _refuse_if(not isinstance(fan_in_fan_out, bool), name, file, "fan_in_fan_out",
                f"must be true or false, got {fan_in_fan_out!r}.", "fix the field.")
+    if fan_in_fan_out:
+        # PEFT warns and resets it to False for nn.Linear (every layer we serve); for GPT-2's Conv1D it
+        # only transposes the merged delta. LoRA's forward, x @ A.T @ B.T, never reads it.
+        logger.debug("adapter %r: fan_in_fan_out=true does not change LoRA's forward on linear layers (%s)",
+                     name, file)
 
     # Fields that change the computation in ways a LoRA slot cannot express.
-    _refuse_if(bool(raw.get("use_dora", False)), name, file, "use_dora",
-               "DoRA rescales the merged weight by a learned magnitude; it is not an additive LoRA delta.",
-               "merge the adapter into the base model and serve the merged checkpoint.")
-    _refuse_if(bool(raw.get("modules_to_save")), name, file, "modules_to_save",
-               f"the adapter replaces whole modules {raw.get('modules_to_save')!r}; LoRA slots cannot carry "
-               "full replacement weights.", "merge the adapter into the base model and serve the merge.")
-    for key in ("target_parameters", "layer_replication", "trainable_token_indices"):
-        _refuse_if(bool(raw.get(key)), name, file, key,
-                   f"{key}={raw.get(key)!r} changes the model beyond additive LoRA on linear layers.",
-                   "merge the adapter into the base model and serve the merge.")
+    for key, why in REFUSED_FIELDS.items():
+        value = raw.get(key)
+        _refuse_if(bool(value), name, file, key, f"{key}={value!r}: {why}.", _MERGE_FIX)
     bias = raw.get("bias", "none")
-    _refuse_if(bias not in ("none", None), name, file, "bias",
-               f"bias={bias!r}: the adapter trained base-layer biases, which LoRA slots cannot carry.",
-               "merge the adapter into the base model and serve the merge.")
-    _refuse_if(bool(raw.get("lora_bias", False)), name, file, "lora_bias",
-               "lora_bias=true adds a trained bias to lora_B, which LMDeploy's LoRA kernel cannot apply.",
-               "merge the adapter into the base model and serve the merge.")
+    _refuse_if(bias not in ("none", "all", "lora_only", None), name, file, "bias",
+               f"must be 'none', 'all' or 'lora_only', got {bias!r}.", "fix the field.")
+    if bias not in ("none", None):
+        found = _bias_tensors(name, path, lora_b=False)
+        _refuse_if(bool(found), name, file, "bias",
+                   f"bias={bias!r} and the weights hold {len(found or ())} trained base-layer bias tensor(s) "
+                   f"(e.g. {(found or [''])[0]!r}); LoRA slots cannot carry them.", _MERGE_FIX)
+    lora_bias = raw.get("lora_bias", False)
+    if lora_bias:
+        found = _bias_tensors(name, path, lora_b=True)
+        _refuse_if(bool(found) or found is None, name, file, "lora_bias",
+                   f"lora_bias=true: the weights hold {len(found or ())} lora_B bias tensor(s), which LMDeploy's "
+                   "LoRA kernel cannot add.", _MERGE_FIX)
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise _err(name, file, "init_lora_weights",
                    f"init_lora_weights={init!r}: training rewrote the base weights, so this checkpoint is "
                    "not a delta on the original model.",
                    "serve the converted adapter instead (ms-swift writes it to <checkpoint>/converted/default; "
-                   "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) makes one).")
+                   "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) makes one, with "
+                   "init_lora_weights=true).")
 
     known = {
         "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
-        "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "use_dora",
-        "modules_to_save", "target_parameters", "layer_replication", "trainable_token_indices", "bias",
-        "lora_bias", "init_lora_weights",
+        "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias",
+        "lora_bias", "init_lora_weights", *REFUSED_FIELDS,
     }
     ignored = tuple(sorted(k for k in raw if k not in known))
     unknown = [k for k in ignored if k not in _HARMLESS_KEYS]

@@ -15,7 +15,7 @@ import torch
 from .adapter_config import AdapterConfig
 from .adapter_weights import AdapterTensors, LoraPair
 from .errors import AdapterError
-from .matching import LAYER_RULES, PATTERN_RULES, TargetMatcher, pattern_rule_for, rank_and_alpha
+from .matching import resolve_targets
 from .model_map import LM_HEAD, PER_REQUEST, ModelMap, Site, rename, unrename
 
 #: LMDeploy's Triton LoRA kernel sizes a block with ``tl.arange(0, max(16, max_rank))``: it must be a
@@ -121,23 +121,6 @@ def _describe(names, limit: int = 4) -> str:
     return ", ".join(repr(n) for n in names[:limit]) + more
 
 
-def _layer_rules(cfg: AdapterConfig) -> tuple[str, ...]:
-    if cfg.layers_to_transform is None:
-        return ("greedy",)
-    # PEFT 0.20 switched to the lazy rule; the adapter's own tensors decide when the version is unknown.
-    newer_first = cfg.peft_version is not None and pattern_rule_for(cfg) == "peft>=0.15" and \
-        _minor(cfg.peft_version) >= 20
-    return ("lazy", "greedy") if newer_first else LAYER_RULES
-
-
-def _minor(version: str) -> int:
-    parts = version.split(".")
-    try:
-        return int(parts[1]) if parts[0] == "0" else 99
-    except (IndexError, ValueError):
-        return 0
-
-
 def resolve_adapter(
     cfg: AdapterConfig, tensors: AdapterTensors, adapter_id: int, model_map: ModelMap
 ) -> ResolvedAdapter:
@@ -146,60 +129,18 @@ def resolve_adapter(
     label, rules = model_map.choose_scheme(cfg.name, file, list(tensors.pairs))
     # Names as the trainer's model had them, for every linear layer of the served model.
     names = {unrename(site_name, rules): site_name for site_name in model_map.sites}
-    trained = set(tensors.pairs)
-
-    attempts = []
-    for layer_rule in _layer_rules(cfg):
-        matcher = TargetMatcher(cfg, layer_rule)
-        verdicts = {n: matcher.match(n) for n in names}
-        selected = {n for n, v in verdicts.items() if v.targeted}
-        attempts.append((layer_rule, verdicts, selected))
-        if selected == trained:
-            break
-    layer_rule, verdicts, selected = attempts[-1]
-    if selected != trained:
-        layer_rule, verdicts, selected = attempts[0]
-        extra = trained - selected
-        missing = selected - trained
-        if not selected:
-            raise _error(cfg, cfg.config_file, f"target_modules {cfg.describe_targets()} matches none of the "
-                         "model's linear layers.", "check that the adapter belongs to this base model; target "
-                         "names are matched against full module names as the Hugging Face model names them.",
-                         field_="target_modules")
-        if extra:
-            first = sorted(extra)[0]
-            raise _error(cfg, file, f"holds LoRA tensors for {len(extra)} module(s) that the config does not "
-                         f"target: {_describe(extra)} ({verdicts[first].reason}).",
-                         "use the adapter_config.json saved with these weights; the config and weights disagree.",
-                         module=first)
-        first = sorted(missing)[0]
-        raise _error(cfg, file, f"has no lora_A/lora_B for {len(missing)} module(s) the config targets: "
-                     f"{_describe(missing)}.", "the weights file is incomplete or belongs to another config; "
-                     "save the adapter again.", module=first)
+    # Which modules, under which PEFT layer / rank-alpha rules: the tensors decide (matching.resolve_targets).
+    resolution = resolve_targets(cfg, names, {n: p.rank for n, p in tensors.pairs.items()}, file)
+    selected = set(resolution.modules)
 
     _check_base_copies(cfg, tensors, rules, model_map)
-
-    # Ranks come from the tensors; alpha (and the check of r) from the config under the PEFT rule
-    # that reproduces those ranks.
-    preferred = pattern_rule_for(cfg)
-    rules_to_try = [preferred] + [r for r in PATTERN_RULES if r != preferred]
-    chosen_rule = None
-    for rule in rules_to_try:
-        if all(rank_and_alpha(cfg, n, rule)[0] == tensors.pairs[n].rank for n in selected):
-            chosen_rule = rule
-            break
-    if chosen_rule is None:
-        bad = next(n for n in sorted(selected) if rank_and_alpha(cfg, n, preferred)[0] != tensors.pairs[n].rank)
-        raise _error(cfg, file, f"lora_A/lora_B have rank {tensors.pairs[bad].rank}, but the config gives this "
-                     f"module rank {rank_and_alpha(cfg, bad, preferred)[0]} (r / rank_pattern).",
-                     "use the adapter_config.json saved with these weights.", module=bad, field_="r")
 
     plan = AdapterPlan(
         name=cfg.name, adapter_id=adapter_id, path=cfg.path, config_file=cfg.config_file, weights_file=file,
         target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
         naming=label, use_rslora=cfg.use_rslora,
-        layer_rule=layer_rule if cfg.layers_to_transform is not None else None,
-        pattern_rule=chosen_rule if (cfg.rank_pattern or cfg.alpha_pattern) else None,
+        layer_rule=resolution.layer_rule,
+        pattern_rule=resolution.pattern_rule,
     )
     by_site: dict[str, tuple[ModulePlan, LoraPair]] = {}
     unservable: list[tuple[str, Site]] = []
@@ -215,10 +156,9 @@ def resolve_adapter(
         if site.serving not in (PER_REQUEST, LM_HEAD) or not site.lora_capable:
             unservable.append((n, site))
             continue
-        _, alpha, why = rank_and_alpha(cfg, n, chosen_rule)
-        reason = verdicts[n].reason + (f"; {why}" if why else "")
-        mplan = ModulePlan(n, site.lmdeploy_module, site.slot, rank, alpha, cfg.scaling(rank, alpha),
-                           site.serving, reason)
+        choice = resolution.modules[n]
+        mplan = ModulePlan(n, site.lmdeploy_module, site.slot, rank, choice.alpha, choice.scaling, site.serving,
+                           choice.reason)
         plan.modules.append(mplan)
         by_site[site.hf_name] = (mplan, pair)
     if unservable:
