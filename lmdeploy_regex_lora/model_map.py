@@ -20,6 +20,9 @@ PER_REQUEST = "per-request"
 LM_HEAD = "lm-head"
 NON_TOKEN = "non-token-rows"
 PLAIN_LINEAR = "plain-linear"
+#: How a module on non-token rows (vision tower, projector) is served: its delta is folded into the
+#: base weight at load time, so every request sees it (see plan.build_folds).
+FOLDED = "folded"
 
 # Model classes (LMDeploy's) whose fused ``wqkv`` stores rows interleaved per KV head in the
 # checkpoint: (kv_head, q_per_kv + 2, head_dim). LMDeploy's own LoRA loader for InternLM2 reorders
@@ -58,6 +61,17 @@ class Site:
     #: (num_kv_heads, q_heads_per_kv, head_dim) when lora_B rows must be de-interleaved.
     interleaved_qkv: tuple[int, int, int] | None = None
     lora_capable: bool = True
+
+
+def _conventional_packing(leaf: str, mod) -> list[str] | None:
+    """Packing that a model's ``load_weights`` does without declaring it (e.g. LLaVA's CLIP and InternVL-hf's
+    vision attention load ``q/k/v_proj`` into ``qkv_proj``): LMDeploy's stacked-params naming convention."""
+    outs = getattr(mod, "all_out_features", None)
+    if leaf == "qkv_proj" and hasattr(mod, "qkv_split_section") and outs is not None and len(outs) == 3:
+        return ["q_proj", "k_proj", "v_proj"]
+    if leaf == "gate_up_proj" and outs is not None and len(outs) == 2:
+        return ["gate_proj", "up_proj"]
+    return None
 
 
 def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
@@ -137,6 +151,8 @@ class ModelMap:
         else:
             serving = NON_TOKEN
         subs, _ = self._packing(name, modules)
+        if subs is None:
+            subs = _conventional_packing(leaf, mod)
         prefix = parent + "." if parent else ""
         if subs is not None:
             outs = list(mod.all_out_features)

@@ -16,7 +16,7 @@ from .adapter_config import AdapterConfig
 from .adapter_weights import AdapterTensors, LoraPair
 from .errors import AdapterError
 from .matching import resolve_targets
-from .model_map import LM_HEAD, PER_REQUEST, ModelMap, Site, rename, unrename
+from .model_map import FOLDED, LM_HEAD, NON_TOKEN, PER_REQUEST, PLAIN_LINEAR, ModelMap, Site, rename, unrename
 
 #: LMDeploy's Triton LoRA kernel sizes a block with ``tl.arange(0, max(16, max_rank))``: it must be a
 #: power of two. The kernel masks rows past each adapter's own rank, so rounding up is exact.
@@ -76,9 +76,24 @@ class SlotPlan:
 
 
 @dataclass
+class FoldPlan:
+    """A layer whose rows are not token rows (vision tower, projector): LMDeploy cannot pick an adapter per
+    request there, so the one adapter that changes it is folded into its base weight for every request."""
+
+    hf_name: str  # checkpoint name
+    lmdeploy_module: str
+    adapter: str
+    adapter_id: int
+    scaling: float
+    rank: int
+    base_slice: tuple[int, int]  # the rows of the LMDeploy weight this layer occupies (packed layers)
+
+
+@dataclass
 class LoadPlan:
     adapters: list[AdapterPlan]
     slots: list[SlotPlan]
+    folds: list[FoldPlan] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"adapters": [asdict(a) for a in self.adapters], "slots": [asdict(s) for s in self.slots]}
@@ -97,6 +112,10 @@ class LoadPlan:
             for m in a.modules:
                 slot = f"{m.lmdeploy_module}[{m.slot}]"
                 lines.append(f"  {m.hf_name:<56} {slot:<44} {m.rank:>4} {m.alpha:>7g} {m.scaling:>8.4g}  {m.reason}")
+        for f in self.folds:
+            lines.append(f"folded into the base weight of {f.lmdeploy_module} for every request: adapter "
+                         f"{f.adapter!r} (r={f.rank}, scale={f.scaling:.4g}); LMDeploy cannot tell which request "
+                         "a vision/projector row belongs to")
         lines.append(f"{len(self.slots)} LoRA slots; adapter ids: "
                      + ", ".join(f"{a.adapter_id}={a.name}" for a in self.adapters) + " (0 = no adapter)")
         return "\n".join(lines)
@@ -153,21 +172,28 @@ def resolve_adapter(
                          f"model's layer is {site.out_features}x{site.in_features} (out x in).",
                          "the adapter was trained on a different base model (size or architecture); serve it on "
                          "the model it was trained on.", module=n)
-        if site.serving not in (PER_REQUEST, LM_HEAD) or not site.lora_capable:
+        if site.serving in (NON_TOKEN, PLAIN_LINEAR):
+            if site.interleaved_qkv is not None:
+                unservable.append((n, site))  # folding needs the checkpoint's row order
+                continue
+            serving = FOLDED
+        elif site.serving in (PER_REQUEST, LM_HEAD) and site.lora_capable:
+            serving = site.serving
+        else:
             unservable.append((n, site))
             continue
         choice = resolution.modules[n]
-        mplan = ModulePlan(n, site.lmdeploy_module, site.slot, rank, choice.alpha, choice.scaling, site.serving,
+        mplan = ModulePlan(n, site.lmdeploy_module, site.slot, rank, choice.alpha, choice.scaling, serving,
                            choice.reason)
         plan.modules.append(mplan)
         by_site[site.hf_name] = (mplan, pair)
     if unservable:
         desc = ", ".join(f"{n!r} ({s.serving})" for n, s in unservable[:4])
         more = f" and {len(unservable) - 4} more" if len(unservable) > 4 else ""
-        raise _error(cfg, file, f"targets layers LMDeploy cannot serve LoRA on per request yet: {desc}{more}. "
+        raise _error(cfg, file, f"targets layers LMDeploy cannot serve LoRA on: {desc}{more}. "
                      "Dropping them would serve a model different from the one trained.",
-                     "merge the adapter into the base model (`lmdeploy-regex-lora` docs: merging), or retrain "
-                     "without LoRA on the vision tower, projector and LM head.", module=unservable[0][0])
+                     "merge the adapter into the base model (`lmdeploy-regex-lora merge`) and serve the merge.",
+                     module=unservable[0][0])
     return ResolvedAdapter(plan=plan, by_site=by_site)
 
 
@@ -192,12 +218,46 @@ def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, rules: tuple
                          "it.", "merge the adapter into the base model and serve the merge.", module=module)
 
 
+def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[FoldPlan]:
+    """Vision/projector deltas: fold when one adapter changes a layer (or all that do agree), else refuse."""
+    owners: dict[str, list[ResolvedAdapter]] = {}
+    site_slices = {name: site.base_slice for name, site in model_map.sites.items()}
+    for ra in resolved:
+        for site_name, (m, _) in ra.by_site.items():
+            if m.serving == FOLDED:
+                owners.setdefault(site_name, []).append(ra)
+    folds = []
+    conflicts = []
+    for site_name, ras in sorted(owners.items()):
+        first_m, first_p = ras[0].by_site[site_name]
+        reference = first_m.scaling * (first_p.b.double() @ first_p.a.double())
+        for other in ras[1:]:
+            m, p = other.by_site[site_name]
+            if not torch.equal(m.scaling * (p.b.double() @ p.a.double()), reference):
+                conflicts.append((site_name, [r.plan.name for r in ras]))
+                break
+        else:
+            folds.append(FoldPlan(site_name, first_m.lmdeploy_module, ras[0].plan.name, ras[0].plan.adapter_id,
+                                  first_m.scaling, first_m.rank, site_slices[site_name]))
+    if conflicts:
+        site_name, names = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more layers)" if len(conflicts) > 1 else ""
+        raise AdapterError(
+            f"adapters {', '.join(repr(n) for n in names)} change the same vision/projector layer differently"
+            f"{more}. LMDeploy cannot tell which request an image row belongs to, so at most one delta can be "
+            "folded into such a layer.", adapter=names[0], module=site_name,
+            fix="serve these adapters from separate servers, or merge each into its own copy of the base model.")
+    return folds
+
+
 def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[SlotPlan]:
     """One slot per targeted LMDeploy (module, slot); rank 0 for every adapter that leaves it alone."""
     num_ids = 1 + len(resolved)
     by_site: dict[str, SlotPlan] = {}
     for ra in resolved:
         for site_name, (m, _) in ra.by_site.items():
+            if m.serving == FOLDED:
+                continue
             site = model_map.sites[site_name]
             slot = by_site.get(site_name)
             if slot is None:

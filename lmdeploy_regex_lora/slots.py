@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from .errors import AdapterError
-from .model_map import LM_HEAD
-from .plan import ResolvedAdapter, SlotPlan
+from .model_map import FOLDED, LM_HEAD
+from .plan import FoldPlan, ResolvedAdapter, SlotPlan
 
 
 def deinterleave_qkv_rows(b: torch.Tensor, num_kv_heads: int, q_per_kv: int, head_dim: int) -> torch.Tensor:
@@ -60,8 +60,9 @@ def install_slots(
     interleaved: dict[str, tuple[int, int, int] | None],
     dtype: torch.dtype,
     device: torch.device,
+    folds: list[FoldPlan] = (),
 ) -> None:
-    """Create, fill and then attach every slot; on any error nothing stays attached."""
+    """Create and fill every slot and folded weight off the model, then attach; on any error nothing changes."""
     modules = dict(model.named_modules())
     for slot in slots:
         existing = modules[slot.lmdeploy_module].lora_adapters
@@ -75,6 +76,8 @@ def install_slots(
     for ra in resolved:
         aid = ra.plan.adapter_id
         for site_name, (mplan, pair) in ra.by_site.items():
+            if mplan.serving == FOLDED:
+                continue
             _, lora = staged[site_name]
             try:
                 a = pair.a.to(device=device, dtype=dtype)
@@ -91,17 +94,47 @@ def install_slots(
                                    adapter=ra.plan.name, file=ra.plan.weights_file, module=mplan.hf_name,
                                    fix="this is a bug in lmdeploy-regex-lora; please report it with the "
                                        "adapter_config.json.") from exc
+    folded = _stage_folds(modules, folds, resolved)
     if any(s.serving == LM_HEAD for s in slots):
         from .lm_head import install_step_recorder
 
         install_step_recorder(model.ctx_mgr)
-    attached = []
+    attached, originals = [], []
     try:
         for slot in slots:
             mod, lora = staged[slot.hf_name]
             mod.lora_adapters[slot.slot] = lora
             attached.append((mod, slot.slot))
+        for weight, new in folded:
+            originals.append((weight, weight.detach().clone()))
+            weight.data.copy_(new)
     except BaseException:
+        for weight, old in originals:
+            weight.data.copy_(old)
         for mod, key in attached:
             del mod.lora_adapters[key]
         raise
+
+
+def _stage_folds(modules: dict, folds: list[FoldPlan], resolved: list[ResolvedAdapter]) -> list:
+    """New weights ``W + scaling * B @ A`` for folded layers, computed in float64 off the model."""
+    by_id = {ra.plan.adapter_id: ra for ra in resolved}
+    staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for fold in folds:
+        ra = by_id[fold.adapter_id]
+        mplan, pair = ra.by_site[fold.hf_name]
+        weight = modules[fold.lmdeploy_module].weight
+        start, stop = fold.base_slice
+        out_f, in_f = pair.b.shape[0], pair.a.shape[1]
+        if weight.dim() != 2 or weight.shape[1] != in_f or stop - start != out_f or stop > weight.shape[0]:
+            raise AdapterError(
+                f"cannot fold its delta into {fold.lmdeploy_module}: the served weight is {tuple(weight.shape)} "
+                f"(split across tensor-parallel ranks?), the adapter's layer is {out_f}x{in_f} at rows "
+                f"{start}:{stop}.", adapter=ra.plan.name, file=ra.plan.weights_file,
+                module=mplan.hf_name, fix="serve with tp=1, or merge the adapter into the base model.")
+        delta = fold.scaling * (pair.b.to(weight.device, torch.float64) @ pair.a.to(weight.device, torch.float64))
+        if fold.lmdeploy_module not in staged:  # packed layers (gate/up) fold several deltas into one weight
+            staged[fold.lmdeploy_module] = (weight, weight.detach().clone())
+        new = staged[fold.lmdeploy_module][1]
+        new[start:stop] = (weight.detach()[start:stop].to(torch.float64) + delta).to(weight.dtype)
+    return list(staged.values())
