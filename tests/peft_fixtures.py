@@ -32,7 +32,7 @@ __all__ = [
     "resolve_regex_targets",
 ]
 
-NAMINGS: tuple[str, ...] = ("checkpoint", "tf452")
+NAMINGS: tuple[str, ...] = ("checkpoint", "tf452", "tf5")
 
 # Layer types PEFT 0.14's LoRA accepts; a regex that fullmatches anything else makes PEFT raise.
 _PEFT_LORA_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,6 +47,33 @@ _TF452_PREFIXES: tuple[tuple[str, str], ...] = (
     ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
+# Qwen2-VL / Qwen2.5-VL: the LLM and the vision tower moved under ``model.``; ``lm_head`` stayed.
+_QWEN_VL_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.", "model.language_model."),
+    ("visual.", "model.visual."),
+)
+# LLaVA in transformers 5: CLIPVisionModel lost its ``vision_model`` level (4.52-4.57 still had it).
+_LLAVA_TF5_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    *_TF452_PREFIXES,
+)
+# (arch, naming) -> first-match prefix rules from checkpoint names; pairs not listed are the identity.
+_RENAMES: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    ("internvl_hf", "tf452"): _TF452_PREFIXES,
+    ("internvl_hf", "tf5"): _TF452_PREFIXES,
+    ("qwen2_vl", "tf452"): _QWEN_VL_PREFIXES,
+    ("qwen2_vl", "tf5"): _QWEN_VL_PREFIXES,
+    ("qwen2_5_vl", "tf452"): _QWEN_VL_PREFIXES,
+    ("qwen2_5_vl", "tf5"): _QWEN_VL_PREFIXES,
+    ("llava", "tf452"): _TF452_PREFIXES,
+    ("llava", "tf5"): _LLAVA_TF5_PREFIXES,
+}
+# Archs whose tree is always the real transformers class (re-parented into the older layouts).
+_VLM_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
 
 
 class NormParams(nn.Module):
@@ -61,18 +88,34 @@ class NormParams(nn.Module):
 def hf_name(arch: str, checkpoint_name: str, naming: str = "checkpoint") -> str:
     """Translate a checkpoint key / module name into the module name under ``naming``.
 
-    ``'checkpoint'`` is the identity. ``'tf452'`` only differs for ``internvl_hf``: transformers>=4.52
-    nests the towers under ``model.`` (``model.language_model.layers.N``, ``model.vision_tower``,
-    ``model.multi_modal_projector``) and puts ``lm_head`` at the top, while the checkpoint (and
-    transformers 5's ``save_pretrained``) keeps ``language_model.model.layers.N``,
-    ``language_model.lm_head``, ``vision_tower``, ``multi_modal_projector``. The remote-code InternVL
-    chat models and plain LLMs have one naming only.
+    Which transformers version's module names an adapter was trained under decides its tensor keys.
+    ``'checkpoint'`` is the identity: transformers < 4.52 module names are the checkpoint keys.
+    ``'tf452'`` are the names of transformers 4.52-4.57, ``'tf5'`` those of transformers 5.x (checked
+    on 5.24 by instantiating the classes); they differ only for LLaVA's CLIP tower:
+
+    ==============  =================================  ==================================  ===========================
+    arch            checkpoint (transformers < 4.52)   tf452 (4.52-4.57)                   tf5 (5.x)
+    ==============  =================================  ==================================  ===========================
+    internvl_hf     ``language_model.model.X``         ``model.language_model.X``          = tf452
+                    ``language_model.lm_head``         ``lm_head``
+                    ``vision_tower.X``                 ``model.vision_tower.X``
+                    ``multi_modal_projector.X``        ``model.multi_modal_projector.X``
+    qwen2_vl,       ``model.X`` (LLM)                  ``model.language_model.X``          = tf452
+    qwen2_5_vl      ``visual.X``                       ``model.visual.X``
+                    ``lm_head``                        ``lm_head``
+    llava           ``language_model.model.X``         ``model.language_model.X``          as tf452, except
+                    ``language_model.lm_head``         ``lm_head``                         ``model.vision_tower.X``
+                    ``vision_tower.vision_model.X``    ``model.vision_tower.vision_model.X``
+                    ``multi_modal_projector.X``        ``model.multi_modal_projector.X``
+    ==============  =================================  ==================================  ===========================
+
+    The remote-code InternVL chat models and plain LLMs have one naming only. Transformers 5 still
+    *saves* the checkpoint names (LLaVA's tower as ``vision_tower.X``; the Hub checkpoints and LMDeploy
+    use ``vision_tower.vision_model.X``).
     """
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
-    if naming == "checkpoint" or arch != "internvl_hf":
-        return checkpoint_name
-    for old, new in _TF452_PREFIXES:
+    for old, new in _RENAMES.get((arch, naming), ()):
         if checkpoint_name == old or checkpoint_name.startswith(old if old.endswith(".") else old + "."):
             return new + checkpoint_name[len(old):]
     return checkpoint_name
@@ -80,7 +123,7 @@ def hf_name(arch: str, checkpoint_name: str, naming: str = "checkpoint") -> str:
 
 def _uses_transformers_class(arch: str, naming: str) -> bool:
     """Real transformers classes load these folders offline, with exactly the wanted module names."""
-    return arch in ("qwen2", "llama") or (arch == "internvl_hf" and naming == "tf452")
+    return arch in ("qwen2", "llama") or (arch == "internvl_hf" and naming in ("tf452", "tf5"))
 
 
 def _load_transformers_model(model_dir: pathlib.Path, arch: str) -> nn.Module:
@@ -94,6 +137,62 @@ def _load_transformers_model(model_dir: pathlib.Path, arch: str) -> nn.Module:
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return model.eval()
+
+
+class _Container(nn.Module):
+    """A plain module holding given children, to rebuild an older transformers layout around real layers."""
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+class _LegacyRoot(_Container):
+    """Top of a pre-4.52 layout. Like the PreTrainedModel it stands for, it names its embeddings: PEFT's
+    save then also writes the base ``lm_head`` weight when ``lm_head`` is a target, as it did then."""
+
+    def __init__(self, input_embeddings: str, output_embeddings: str, **children: nn.Module) -> None:
+        super().__init__(**children)
+        self._embedding_paths = (input_embeddings, output_embeddings)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_submodule(self._embedding_paths[0])
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.get_submodule(self._embedding_paths[1])
+
+
+def _vlm_tree(model_dir: pathlib.Path, arch: str, naming: str) -> nn.Module:
+    """The real transformers 5 VLM, re-parented into ``naming``'s layout, holding the checkpoint weights.
+
+    Built from the config (not ``from_pretrained``, whose key conversion would decide the names for us)
+    and loaded with ``strict=True`` through :func:`hf_name`, so every checkpoint key must land on
+    exactly one parameter of the tree and vice versa. The layers keep their real classes (activations,
+    Conv3d patch embedding, CLIP's position Embedding), which PEFT's and swift's regex rules look at.
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    model = getattr(transformers, _VLM_CLASSES[arch])(config).to(torch.float32)
+    root: nn.Module = model
+    if arch == "llava":
+        tower = model.model.vision_tower  # transformers 5: no vision_model level
+        if naming == "checkpoint":
+            root = _LegacyRoot(
+                "language_model.model.embed_tokens", "language_model.lm_head",
+                vision_tower=_Container(vision_model=tower),
+                multi_modal_projector=model.model.multi_modal_projector,
+                language_model=_Container(model=model.model.language_model, lm_head=model.lm_head),
+            )
+        elif naming == "tf452":
+            model.model.vision_tower = _Container(vision_model=tower)
+    elif naming == "checkpoint":  # Qwen2-VL / Qwen2.5-VL before 4.52: visual, model (the LLM), lm_head
+        root = _LegacyRoot("model.embed_tokens", "lm_head", visual=model.model.visual,
+                           model=model.model.language_model, lm_head=model.lm_head)
+    state = {hf_name(arch, k, naming): v for k, v in _load_checkpoint(model_dir).items()}
+    root.load_state_dict(state, strict=True)
+    return root.eval()
 
 
 def _child(root: nn.Module, path: str) -> nn.Module:
@@ -146,8 +245,10 @@ def _generic_tree(state: dict[str, torch.Tensor]) -> nn.Module:
 def build_hf_module_tree(model_dir: str | os.PathLike, naming: str = "checkpoint") -> nn.Module:
     """The HF model's module tree, with the checkpoint weights, as PEFT sees it.
 
-    * ``qwen2`` / ``llama``: the real transformers class (both namings are the same).
-    * ``internvl_hf`` with ``naming='tf452'``: the real ``InternVLForConditionalGeneration`` of the
+    * ``qwen2`` / ``llama``: the real transformers class (all namings are the same).
+    * ``qwen2_vl`` / ``qwen2_5_vl`` / ``llava``, every naming: the real transformers 5 class, its
+      submodules re-parented into the older layouts (see :func:`hf_name` for the names).
+    * ``internvl_hf`` with ``naming='tf452'`` / ``'tf5'``: the real ``InternVLForConditionalGeneration`` of the
       installed transformers (5.x), whose module names are the >=4.52 ones
       (``model.language_model.layers.N...``, ``model.vision_tower.encoder.layer.N...``,
       ``model.multi_modal_projector.linear_1``, ``lm_head``); transformers 5 still *writes* the older
@@ -162,6 +263,8 @@ def build_hf_module_tree(model_dir: str | os.PathLike, naming: str = "checkpoint
     folder = pathlib.Path(model_dir)
     arch = detect_arch(folder)
     hf_name(arch, "", naming)  # validates naming
+    if arch in _VLM_CLASSES:
+        return _vlm_tree(folder, arch, naming)
     if _uses_transformers_class(arch, naming):
         return _load_transformers_model(folder, arch)
     state = _load_checkpoint(folder)
@@ -292,17 +395,26 @@ def make_peft_adapter(
     return out
 
 
-def _detect_naming(arch: str, adapter_dir: pathlib.Path) -> str:
-    """Which naming an adapter's keys use (only ``internvl_hf`` has two)."""
-    if arch != "internvl_hf":
+def _detect_naming(arch: str, model_dir: pathlib.Path, adapter_dir: pathlib.Path) -> str:
+    """The first of :data:`NAMINGS` under which every LoRA module of the adapter is a module of the model.
+
+    Only archs with several namings need this; an adapter whose modules fit several (e.g. LLaVA's LLM
+    only, under ``tf452`` and ``tf5``) names the same layers under each of them.
+    """
+    if not any(a == arch for a, _ in _RENAMES):
         return "checkpoint"
     files = sorted(adapter_dir.glob("adapter_model.safetensors"))
     if files:
         keys = list(load_file(str(files[0])))
     else:
         keys = list(torch.load(str(adapter_dir / "adapter_model.bin"), map_location="cpu", weights_only=True))
-    tf452 = any(k.startswith(("base_model.model.model.", "base_model.model.lm_head.")) for k in keys)
-    return "tf452" if tf452 else "checkpoint"
+    prefix = "base_model.model."
+    lora = {k[len(prefix):].split(".lora_", 1)[0] for k in keys if k.startswith(prefix) and ".lora_" in k}
+    checkpoint_modules = {k.rsplit(".", 1)[0] for k in _load_checkpoint(model_dir)}
+    for naming in NAMINGS:
+        if lora <= {hf_name(arch, m, naming) for m in checkpoint_modules}:
+            return naming
+    return "checkpoint"
 
 
 def merge_adapter_checkpoint(
@@ -325,7 +437,7 @@ def merge_adapter_checkpoint(
     src = pathlib.Path(model_dir)
     adapter = pathlib.Path(adapter_dir)
     arch = detect_arch(src)
-    naming = naming or _detect_naming(arch, adapter)
+    naming = naming or _detect_naming(arch, src, adapter)
     tree = build_hf_module_tree(src, naming)
     config = LoraConfig.from_pretrained(str(adapter))
     if isinstance(config.target_modules, str) and _peft_would_reject(tree, config.target_modules):

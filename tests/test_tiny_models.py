@@ -19,15 +19,17 @@ from torch import nn
 
 from lmdeploy_regex_lora.tiny_models import (
     ARCHS,
+    EMBEDDING_LEAVES,
     HEADS,
     KV_HEADS,
+    VIT_HIDDEN,
     build_lmdeploy_model,
     checkpoint_linear_names,
     deinterleave_internlm2_wqkv,
     make_tiny_model,
     release_inference_tensors,
 )
-from tests.peft_fixtures import build_hf_module_tree, hf_name, make_peft_adapter, merge_adapter_checkpoint
+from tests.peft_fixtures import NAMINGS, build_hf_module_tree, hf_name, make_peft_adapter, merge_adapter_checkpoint
 
 LMDEPLOY_CLASSES = {
     "qwen2": "qwen2.Qwen2ForCausalLM",
@@ -36,8 +38,12 @@ LMDEPLOY_CLASSES = {
     "internvl2_internlm2": "internvl.InternVLChatModel",
     "internvl_qwen2": "internvl.InternVLChatModel",
     "internvl_hf": "internvl3_hf.InternVLForConditionalGeneration",
+    "qwen2_vl": "qwen2_vl.Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "qwen2_5_vl.Qwen2_5_VLForConditionalGeneration",
+    "llava": "llava.LlavaForConditionalGeneration",
 }
 QWEN_LEAVES = "v_proj|up_proj|o_proj|k_proj|down_proj|gate_proj|q_proj"
+VLMS = ("qwen2_vl", "qwen2_5_vl", "llava")
 
 
 def _lmdeploy_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -108,6 +114,62 @@ def test_lmdeploy_loads_checkpoint(arch, tiny_model):
     assert all(p.is_inference() for p in model.parameters())
 
 
+# What LMDeploy 0.18 builds for the VLMs (read in lmdeploy/pytorch/models/{qwen2_vl,qwen2_5_vl,llava}.py):
+# the owner of ``packed_modules_mapping``, the LM head, the plain nn.Linear layers (no LoRA slots), and
+# the vision linears that load_weights packs although no packed_modules_mapping above them names them.
+VLM_LAYOUT = {
+    "qwen2_vl": dict(
+        mapping_owner="", lm_head="lm_head", plain={"visual.merger.mlp.0", "visual.merger.mlp.2"},
+        unmapped_packed={"visual.blocks.0.attn.qkv": ["visual.blocks.0.attn.qkv"]}),
+    "qwen2_5_vl": dict(
+        mapping_owner="", lm_head="lm_head", plain={"visual.merger.mlp.0", "visual.merger.mlp.2"},
+        unmapped_packed={"visual.blocks.0.attn.qkv": ["visual.blocks.0.attn.qkv"]}),
+    "llava": dict(
+        mapping_owner="language_model", lm_head="language_model.lm_head",
+        plain={"multi_modal_projector.linear_1", "multi_modal_projector.linear_2"},
+        unmapped_packed={"vision_tower.vision_model.encoder.layers.0.self_attn.qkv_proj": [
+            f"vision_tower.vision_model.encoder.layers.0.self_attn.{x}_proj" for x in "qkv"]}),
+}
+
+
+def _mapping_owners(model: nn.Module) -> dict[str, dict]:
+    return {n: m.packed_modules_mapping for n, m in model.named_modules()
+            if isinstance(getattr(m, "packed_modules_mapping", None), dict) and m.packed_modules_mapping}
+
+
+@pytest.mark.parametrize("arch", VLMS)
+def test_vlm_lmdeploy_layout(arch, tiny_model):
+    """Facts the loader's model map relies on, pinned so an LMDeploy upgrade that changes them shows here."""
+    from lmdeploy.pytorch.nn.linear.base import LinearBase
+
+    layout = VLM_LAYOUT[arch]
+    folder = tiny_model(arch, num_layers=1)
+    model = build_lmdeploy_model(folder)
+    owners = _mapping_owners(model)
+    assert list(owners) == [layout["mapping_owner"]]
+    assert owners[layout["mapping_owner"]] == {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                               "gate_up_proj": ["gate_proj", "up_proj"]}
+    modules = dict(model.named_modules())
+    plain = {n for n, m in modules.items() if isinstance(m, nn.Linear) and not isinstance(m, LinearBase)}
+    assert plain == layout["plain"]
+    lora_capable = {n for n, m in modules.items() if isinstance(m, LinearBase)}
+    assert all(hasattr(modules[n], "lora_adapters") for n in lora_capable)
+    assert layout["lm_head"] in lora_capable
+    ckpt = load_file(str(folder / "model.safetensors"))
+    for name, parts in layout["unmapped_packed"].items():
+        qkv = modules[name]
+        assert type(qkv).__name__ == "QKVBaseLinear" and list(qkv.all_out_features) == [VIT_HIDDEN] * 3
+        # the vision tower is not under the mapping's owner (llava), or its leaf is not a mapping key (qwen)
+        owner = layout["mapping_owner"]
+        assert not name.startswith(owner) or name.rsplit(".", 1)[-1] not in owners[owner]
+        # rows are plain [Q; K; V]: the fused HF qkv as is, or HF's q_proj, k_proj, v_proj stacked
+        want = torch.cat([ckpt[f"{p}.weight"] for p in parts])
+        assert torch.equal(qkv.weight, want)
+        assert torch.equal(torch.cat(qkv.weight_spliter(want)), want)
+    if arch == "qwen2_5_vl":  # the vision MLP is gated and packed by the model-level mapping, like the LLM's
+        assert list(modules["visual.blocks.0.mlp.gate_up_proj"].all_out_features) == [64, 64]
+
+
 def test_release_inference_tensors(tiny_model):
     model = release_inference_tensors(build_lmdeploy_model(tiny_model("internlm2")))
     wqkv = model.model.layers[0].attention.wqkv
@@ -131,19 +193,51 @@ def test_remote_code_configs(arch, tiny_model):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("naming", ["checkpoint", "tf452"])
+@pytest.mark.parametrize("naming", NAMINGS)
 def test_hf_tree_names(arch, naming, tiny_model):
     folder = tiny_model(arch)
     tree = build_hf_module_tree(folder, naming)
     linears = {n: (m.out_features, m.in_features) for n, m in tree.named_modules() if isinstance(m, nn.Linear)}
     want = {hf_name(arch, n, naming): s for n, s in checkpoint_linear_names(folder).items()}
     assert linears == want
-    embeddings = [n for n, m in tree.named_modules() if isinstance(m, nn.Embedding)]
-    assert len(embeddings) == 1
+    embeddings = {n for n, m in tree.named_modules() if isinstance(m, nn.Embedding)}
+    ckpt_embeddings = {k.rsplit(".", 1)[0] for k in load_file(str(folder / "model.safetensors"))
+                       if k.endswith(".weight") and k.split(".")[-2] in EMBEDDING_LEAVES}
+    assert embeddings == {hf_name(arch, n, naming) for n in ckpt_embeddings}
+    assert len(embeddings) == (2 if arch == "llava" else 1)  # CLIP's position table is an Embedding too
+    new_names = naming != "checkpoint"
     if arch == "internvl_hf":
-        prefix = "model.language_model." if naming == "tf452" else "language_model.model."
+        prefix = "model.language_model." if new_names else "language_model.model."
         assert f"{prefix}layers.0.self_attn.q_proj" in linears
-        assert ("lm_head" in linears) == (naming == "tf452")
+        assert ("lm_head" in linears) == new_names
+    if arch in ("qwen2_vl", "qwen2_5_vl"):
+        llm, vis = ("model.language_model.", "model.visual.") if new_names else ("model.", "visual.")
+        assert {f"{llm}layers.0.self_attn.q_proj", f"{vis}blocks.0.attn.qkv", f"{vis}merger.mlp.2", "lm_head"} <= set(
+            linears)
+    if arch == "llava":
+        tower = {"checkpoint": "vision_tower.vision_model.", "tf452": "model.vision_tower.vision_model.",
+                 "tf5": "model.vision_tower."}[naming]
+        llm, head, proj = (("model.language_model.", "lm_head", "model.multi_modal_projector.") if new_names else
+                           ("language_model.model.", "language_model.lm_head", "multi_modal_projector."))
+        assert {f"{tower}encoder.layers.0.self_attn.q_proj", f"{llm}layers.0.mlp.down_proj", head,
+                f"{proj}linear_1"} <= set(linears)
+
+
+@pytest.mark.parametrize("arch", VLMS)
+def test_vlm_tree_is_what_transformers_loads(arch, tiny_model):
+    """The checkpoint is in Hub names: transformers 5's own loader (with its key conversions) takes every
+    key, and gives exactly the ``tf5`` tree, so the renaming table agrees with transformers'."""
+    import transformers
+
+    from tests.peft_fixtures import _VLM_CLASSES
+
+    folder = tiny_model(arch)
+    cls = getattr(transformers, _VLM_CLASSES[arch])
+    model, info = cls.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    ours = build_hf_module_tree(folder, "tf5").state_dict()
+    theirs = model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _targeted(adapter_dir, arch: str, naming: str, folder) -> set[str]:
@@ -163,6 +257,23 @@ CASES = {
                                   dict(target_modules=rf"^(language_model.*\.({QWEN_LEAVES}))$", use_rslora=True)),
     "internvl-hf-tf452": ("internvl_hf", "tf452",
                           dict(target_modules=rf"^(model\.language_model(?=\.).*\.({QWEN_LEAVES}))$")),
+    # VLMs: the vision towers' fused (qkv) and separate (q/k/v_proj) attention, gated MLPs, the plain
+    # nn.Linear projectors and the LM head, under each naming an adapter may carry.
+    "qwen2-vl-list": ("qwen2_vl", "checkpoint",
+                      dict(target_modules=["q_proj", "o_proj", "gate_proj", "attn.qkv", "fc2", "mlp.0", "lm_head"])),
+    "qwen2-vl-tf452": ("qwen2_vl", "tf452", dict(
+        target_modules=rf"^model\.(language_model|visual)\..*\.({QWEN_LEAVES}|attn\.qkv|attn\.proj|fc1)$")),
+    "qwen2.5-vl-swift-all": ("qwen2_5_vl", "tf5",
+                             dict(target_modules=r"^(model\.visual|model\.language_model)(?!.*(lm_head|emb)).*")),
+    "qwen2.5-vl-checkpoint": ("qwen2_5_vl", "checkpoint",
+                              dict(target_modules=r"^visual\.blocks\.\d+\.(attn\.qkv|mlp\.up_proj|mlp\.down_proj)$")),
+    "llava-swift-v2.6": ("llava", "checkpoint", dict(
+        target_modules=r"^(language_model|multi_modal_projector)(?!.*(lm_head|output|emb|wte|shared)).*", r=4)),
+    "llava-tf452": ("llava", "tf452", dict(
+        target_modules=r"^(lm_head|model\.vision_tower\.vision_model\..*\.(q_proj|v_proj|fc1)"
+                       r"|model\.language_model\..*\.(k_proj|up_proj))$")),
+    "llava-tf5": ("llava", "tf5", dict(
+        target_modules=r"^model\.(vision_tower\.encoder\..*\.(k_proj|out_proj|fc2)|multi_modal_projector\.linear_2)$")),
 }
 
 
@@ -186,12 +297,22 @@ def test_peft_adapter_and_merge(case, tiny_model, tmp_path):
     assert targeted == _expected_targets(arch, naming, spec["target_modules"], folder) and targeted
     if case == "internvl2-swift-v2.6":  # the connector is a default target of swift 2.2.4-2.6
         assert {"mlp1.1", "mlp1.3"} <= targeted and "language_model.output" not in targeted
+    if case == "llava-swift-v2.6":
+        assert {"multi_modal_projector.linear_1", "multi_modal_projector.linear_2"} <= targeted
+        assert "language_model.lm_head" not in targeted and not any(m.startswith("vision_tower") for m in targeted)
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    if arch in VLMS and naming != "checkpoint":  # the adapter really carries the newer names
+        assert all(k.startswith(("base_model.model.model.", "base_model.model.lm_head.")) for k in lora)
+    head = {"llava": "language_model.lm_head"}.get(arch, "lm_head")
+    if arch in VLMS and head in targeted:  # PEFT also saves the base LM head when it is a target
+        base_head = lora.pop(f"base_model.model.{hf_name(arch, head, naming)}.base_layer.weight")
+        assert torch.equal(base_head, load_file(str(folder / "model.safetensors"))[f"{head}.weight"])
+    assert all(".lora_" in k for k in lora)
 
     merged_dir = merge_adapter_checkpoint(folder, adapter, tmp_path / "merged")
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in merged_dir.iterdir())
     base_ckpt = load_file(str(folder / "model.safetensors"))
     merged_ckpt = load_file(str(merged_dir / "model.safetensors"))
-    lora = load_file(str(adapter / "adapter_model.safetensors"))
     r, alpha = spec.get("r", 8), 16
     scale = alpha / math.sqrt(r) if spec.get("use_rslora") else alpha / r
     for key, base in base_ckpt.items():
