@@ -1,0 +1,1 @@
+"""Benchmarks of the plugin against LMDeploy's own paths; run as ``python -m benchmarks.<name>`` from the repo root."""
