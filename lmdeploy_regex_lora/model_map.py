@@ -40,6 +40,13 @@ NAMING_SCHEMES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("model.multi_modal_projector.", "multi_modal_projector."),
         ("lm_head", "language_model.lm_head"),
     )),
+    # transformers 5 dropped CLIPVisionModel's `vision_model` level: LLaVA's tower is `model.vision_tower.encoder.*`.
+    ("transformers>=5 names (model.language_model.*, LLaVA CLIP tower without vision_model)", (
+        ("model.language_model.", "language_model.model."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("lm_head", "language_model.lm_head"),
+    )),
     ("transformers>=4.52 names (model.language_model.*, Qwen2-VL style)", (
         ("model.language_model.", "model."),
         ("model.visual.", "visual."),
@@ -54,9 +61,9 @@ class Site:
     hf_name: str
     lmdeploy_module: str
     slot: str
-    in_features: int
+    in_features: int  # unsharded (the adapter's lora_A/lora_B sizes), see unsharded_sizes
     out_features: int
-    base_slice: tuple[int, int]
+    base_slice: tuple[int, int]  # this TP rank's rows of the LMDeploy weight
     serving: str
     #: (num_kv_heads, q_heads_per_kv, head_dim) when lora_B rows must be de-interleaved.
     interleaved_qkv: tuple[int, int, int] | None = None
@@ -72,6 +79,29 @@ def _conventional_packing(leaf: str, mod) -> list[str] | None:
     if leaf == "gate_up_proj" and outs is not None and len(outs) == 2:
         return ["gate_proj", "up_proj"]
     return None
+
+
+def unsharded_sizes(mod) -> tuple[int, list[int]]:
+    """(in_features, out_features per packed section) of ``mod`` before tensor-parallel sharding.
+
+    Adapters hold full-size tensors while each TP rank holds a shard, so sites carry the full sizes
+    (what an adapter's shapes are checked against) and the local ``base_slice`` (where its rows go).
+    LMDeploy records the full sections of merged/QKV linears; a plain sharded linear is assumed split
+    evenly (``local * tp``), as LMDeploy's own LoRA loader assumes too; an uneven split then fails the
+    shape check loudly rather than loading wrong rows.
+    """
+    local_outs = [int(o) for o in getattr(mod, "all_out_features", None) or [mod.out_features]]
+    world = int(getattr(mod, "tp", 1)) if getattr(mod, "is_tp", False) else 1
+    if world <= 1:
+        return int(mod.in_features), local_outs
+    if not mod.colwise:
+        return int(mod.in_features) * world, local_outs
+    sections = getattr(mod, "qkv_split_section", None)
+    if sections is None and hasattr(mod, "all_out_features"):
+        sections = getattr(mod, "split_section", None)
+    if sections is not None and len(sections) == len(local_outs):
+        return int(mod.in_features), [int(s) for s in sections]
+    return int(mod.in_features), [o * world for o in local_outs]
 
 
 def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
@@ -154,19 +184,22 @@ class ModelMap:
         if subs is None:
             subs = _conventional_packing(leaf, mod)
         prefix = parent + "." if parent else ""
+        full_in, full_outs = unsharded_sizes(mod)
         if subs is not None:
             outs = list(mod.all_out_features)
             start = 0
-            for sub, out in zip(subs, outs, strict=True):
-                self.sites[prefix + sub] = Site(prefix + sub, name, sub, mod.in_features, out, (start, start + out),
+            for sub, out, full_out in zip(subs, outs, full_outs, strict=True):
+                self.sites[prefix + sub] = Site(prefix + sub, name, sub, full_in, full_out, (start, start + out),
                                                 serving)
                 start += out
             return
         interleaved = None
         if leaf == "wqkv" and self._owner_class(name, modules):
-            kv, q = mod.num_kv_heads, mod.num_q_heads
-            interleaved = (kv, q // kv, mod.head_size)
-        self.sites[name] = Site(name, name, leaf, mod.in_features, mod.out_features, (0, mod.out_features),
+            # The checkpoint's (and adapter's) interleave spans all heads, not this TP rank's share.
+            head = mod.head_size
+            q, kv = mod.qkv_split_section[0] // head, mod.qkv_split_section[1] // head
+            interleaved = (kv, q // kv, head)
+        self.sites[name] = Site(name, name, leaf, full_in, sum(full_outs), (0, mod.out_features),
                                 serving, interleaved_qkv=interleaved)
 
     def base_weight(self, name: str) -> torch.Tensor | None:
