@@ -123,6 +123,12 @@ VLM_CASES = {
     "llava-tf>=4.52-projector": ("llava", "tf452", rf"^(model\.language_model(?=\.).*\.({QWEN_LEAVES})"
                                                    r"|model\.multi_modal_projector.*\.(linear_1|linear_2))$"),
     # transformers 5.x names LLaVA's CLIP tower model.vision_tower.encoder.* (no vision_model level)
+    # transformers' own InternVL (InternVL3-hf), everything unfrozen: LLM, InternViT (q/k/v packed by LMDeploy
+    # into qkv_proj) and the projector
+    "internvl_hf-tf>=4.52-unfrozen": ("internvl_hf", "tf452",
+                                      rf"^(model\.language_model(?=\.).*\.({QWEN_LEAVES})|model\.vision_tower.*\."
+                                      r"(q_proj|k_proj|v_proj|projection_layer|fc1|fc2)"
+                                      r"|model\.multi_modal_projector.*\.(linear_1|linear_2))$", ["o_proj"]),
     # (the second adapter must then leave CLIP's q_proj alone, or the two would conflict there: o_proj only)
     "llava-tf5-vit": ("llava", "tf5", rf"^(model\.language_model(?=\.).*\.({QWEN_LEAVES})"
                                       r"|model\.vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2))$",
