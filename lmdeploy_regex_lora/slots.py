@@ -23,6 +23,74 @@ def deinterleave_qkv_rows(b: torch.Tensor, num_kv_heads: int, q_per_kv: int, hea
     return torch.cat([q, k, v], dim=0)
 
 
+def _tp_world_rank(mod: torch.nn.Module) -> tuple[int, int]:
+    """The module's own TP size and rank (per layer type: attention and MLP may differ), as its loader uses."""
+    if not getattr(mod, "is_tp", False):
+        return 1, 0
+    return int(mod.tp), int(mod.tp_rank)
+
+
+def _qkv_part(mod: torch.nn.Module, part: torch.Tensor, index: int, world: int, rank: int) -> torch.Tensor:
+    """This rank's rows of q (0), k (1) or v (2), cut as ``QKVBaseLinear.weight_loader`` cuts the base weight:
+    whole heads, and k/v shared by ``num_replicate_kv_heads`` ranks when TP exceeds the KV-head count."""
+    from lmdeploy.pytorch.nn.utils import chunk_aligned
+
+    chunks, chunk = world, rank
+    replicas = int(getattr(mod, "num_replicate_kv_heads", 1) or 1)
+    if replicas > 1 and index in (1, 2):
+        chunks, chunk = world // replicas, rank // replicas
+    align = mod.head_size if index in (0, 1) else mod.head_size_v
+    return chunk_aligned(part, chunks, 0, align)[chunk]
+
+
+def shard_lora(mod: torch.nn.Module, base_slice: tuple[int, int], a: torch.Tensor,
+               b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This TP rank's ``lora_A`` (r, in) and ``lora_B`` (out, r), cut exactly as LMDeploy cuts the base weight.
+
+    ``b`` is one layer's full lora_B: a packed section (q, k, gate, ...) when ``base_slice`` is narrower
+    than the module, else the whole output (split into the module's sections, each cut, re-joined).
+    LMDeploy's own ``LoRA.weight_loader_B`` chunks k/v plainly, ignoring KV-head replication, and uses
+    the global TP size even for MLP layers; the base loaders (mirrored here) do neither.
+    """
+    world, rank = _tp_world_rank(mod)
+    if world == 1:
+        return a, b
+    from lmdeploy.pytorch.nn.utils import chunk_aligned
+
+    if not mod.colwise:  # row-parallel: the input dim is split, the output is all-reduced
+        return chunk_aligned(a, world, 1, getattr(mod, "tp_align_size", 1))[rank], b
+    outs = [int(o) for o in getattr(mod, "all_out_features", None) or [mod.out_features]]
+    qkv = hasattr(mod, "qkv_split_section")
+    merged = not qkv and hasattr(mod, "all_out_features") and hasattr(mod, "split_section")
+    if not qkv and not merged:
+        return a, chunk_aligned(b, world, 0, getattr(mod, "tp_align_size", 1))[rank]
+
+    def cut(part: torch.Tensor, index: int) -> torch.Tensor:
+        # MergedBaseLinear.weight_loader: a plain chunk per section.
+        return _qkv_part(mod, part, index, world, rank) if qkv else part.chunk(world, 0)[rank]
+
+    start, stop = base_slice
+    if (start, stop) != (0, sum(outs)):  # one packed section: find it by its local rows
+        offsets = [sum(outs[:i]) for i in range(len(outs))]
+        index = next(i for i, (o, n) in enumerate(zip(offsets, outs, strict=True)) if (o, o + n) == (start, stop))
+        return a, cut(b, index)
+    sections = mod.qkv_split_section if qkv else mod.split_section
+    return a, torch.cat([cut(part, i) for i, part in enumerate(b.split(list(sections), 0))], 0)
+
+
+def _place(lora: torch.nn.Module, adapter_id: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Copy one adapter's (already sharded) A and B into its rank rows of the slot; B is stored transposed."""
+    info = lora.adapter_info
+    r = int(info.ranks[adapter_id])
+    off = int(info.rank_offsets[adapter_id])
+    rows_a, rows_b = lora.lora_A.data[off:off + r], lora.lora_B.data[off:off + r]
+    if tuple(a.shape) != tuple(rows_a.shape) or tuple(b.t().shape) != tuple(rows_b.shape):
+        raise ValueError(f"this rank's shard is lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, the slot holds "
+                         f"lora_A {tuple(rows_a.shape)} / lora_B^T {tuple(rows_b.shape)}")
+    rows_a.copy_(a)
+    rows_b.copy_(b.t())
+
+
 def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: torch.dtype, device: torch.device):
     from lmdeploy.pytorch.nn.linear import LoRA
 
@@ -78,15 +146,15 @@ def install_slots(
         for site_name, (mplan, pair) in ra.by_site.items():
             if mplan.serving == FOLDED:
                 continue
-            _, lora = staged[site_name]
             try:
                 a = pair.a.to(device=device, dtype=dtype)
                 b = pair.b.to(device=device, dtype=dtype)
                 layout = interleaved.get(site_name)
                 if layout is not None:
                     b = deinterleave_qkv_rows(b, *layout)
-                lora.weight_loader_A(lora.lora_A, a, adapter_id=aid)
-                lora.weight_loader_B(lora.lora_B, b, adapter_id=aid)
+                mod, lora = staged[site_name]
+                cols = lora.adapter_info.base_slice
+                _place(lora, aid, *shard_lora(mod, (cols.start, cols.stop), a, b))
             except AdapterError:
                 raise
             except Exception as exc:
