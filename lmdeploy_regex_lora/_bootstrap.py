@@ -3,7 +3,8 @@
 LMDeploy builds the model in whatever process its executor picks (the caller, a ``spawn``
 child, a Ray actor), and a monkeypatch made in the parent never reaches the others. A ``.pth``
 line runs in all of them, so this module only registers a tiny ``sys.meta_path`` finder that
-calls :mod:`lmdeploy_regex_lora.hook` once LMDeploy's ``add_adapters`` modules have executed.
+calls :mod:`lmdeploy_regex_lora.hook` once LMDeploy's ``add_adapters`` modules (and the CLI
+modules that choose an engine) have executed.
 
 It runs on *every* interpreter start, LMDeploy or not, so it imports nothing beyond ``sys``
 and ``os`` (already loaded by ``site``) and must never raise.
@@ -25,11 +26,17 @@ LOGGER_NAME = "lmdeploy.regex_lora"
 
 # Modules whose global ``add_adapters`` LMDeploy calls: ``patch`` defines it, the agent binds it
 # by name (``agent`` package module since 0.12, the flat ``model_agent`` module before).
-TARGET_MODULES: tuple[str, ...] = (
+ADD_ADAPTERS_MODULES: tuple[str, ...] = (
     "lmdeploy.pytorch.models.patch",
     "lmdeploy.pytorch.engine.model_agent.agent",
     "lmdeploy.pytorch.engine.model_agent",
 )
+# CLI modules whose commands pick the engine on their own (TurboMind ignores ``--adapters``).
+BACKEND_CHOICE_MODULES: tuple[str, ...] = (
+    "lmdeploy.cli.serve",
+    "lmdeploy.cli.chat",
+)
+TARGET_MODULES: tuple[str, ...] = ADD_ADAPTERS_MODULES + BACKEND_CHOICE_MODULES
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _warned: set[str] = set()

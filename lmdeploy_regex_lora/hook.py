@@ -5,6 +5,13 @@ defines it and the model agent binds it by name at import time, so both names ar
 and both are put back on :func:`uninstall`. The wrappers are ``wrapt`` proxies whose
 ``__wrapped__`` is LMDeploy's function, so a wrapper that an agent module picked up from
 ``patch`` is recognised and never wrapped twice.
+
+The CLI commands that take ``--adapters`` (``lmdeploy serve api_server``, ``lmdeploy chat``) let
+``autoget_backend`` pick the engine unless ``--backend pytorch`` is given, and TurboMind ignores
+adapters without a word: the user would chat with the base model. ``autoget_backend`` is not told
+about adapters, so the commands themselves are wrapped: when adapters are given and the automatic
+choice is TurboMind, the PyTorch engine is used instead, with one warning line. ``pipeline()``
+needs no guard: adapters only exist on ``PytorchEngineConfig``, which always selects PyTorch.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from packaging.version import InvalidVersion, Version
 
 from . import _bootstrap
 
-__all__ = ["SUPPORTED", "install", "uninstall", "is_installed", "is_wrapper", "lmdeploy_version"]
+__all__ = ["SUPPORTED", "install", "uninstall", "is_installed", "is_wrapper", "lmdeploy_version",
+           "BACKEND_SWITCH"]
 
 SUPPORTED = SpecifierSet(">=0.15.0,<0.19")
 """LMDeploy releases whose ``add_adapters`` signature and call site were checked."""
@@ -37,10 +45,21 @@ logger = logging.getLogger(_bootstrap.LOGGER_NAME)
 _lock = threading.RLock()
 _originals: dict[str, Callable[..., Any]] = {}  # module name -> LMDeploy's add_adapters
 _wrappers: dict[Callable[..., Any], AddAdaptersWrapper] = {}  # one wrapper per original
+# (module name, class name or "", attribute) -> the attribute as LMDeploy defined it (staticmethod kept)
+_cli_originals: dict[tuple[str, str, str], Any] = {}
+
+#: Start of the warning logged when ``--adapters`` turns LMDeploy's TurboMind choice into PyTorch.
+BACKEND_SWITCH = "lmdeploy-regex-lora: --adapters given but LMDeploy's automatic backend choice is TurboMind"
 
 
 class AddAdaptersWrapper(wrapt.FunctionWrapper):
     """Type of our wrappers; the class attribute is the marker checked by :func:`is_wrapper`."""
+
+    _lmdeploy_regex_lora_wrapper = True
+
+
+class BackendChoiceWrapper(wrapt.FunctionWrapper):
+    """Wrapper of a CLI command that chooses the engine; marked like :class:`AddAdaptersWrapper`."""
 
     _lmdeploy_regex_lora_wrapper = True
 
@@ -138,6 +157,91 @@ def _wrap_module(module: ModuleType) -> None:
     logger.debug("wrapped %s.add_adapters", name)
 
 
+def _auto_backend(model_path: str, trust_remote_code: bool) -> str:
+    """LMDeploy's own automatic engine choice for ``model_path`` (its signature differs across releases)."""
+    from lmdeploy.archs import autoget_backend
+
+    if "trust_remote_code" in inspect.signature(autoget_backend).parameters:
+        return autoget_backend(model_path, trust_remote_code=trust_remote_code)
+    return autoget_backend(model_path)
+
+
+def _resolve_backend(adapters: Any, backend: Any, model_path: str, trust_remote_code: bool) -> Any:
+    """The backend a command should use: PyTorch whenever adapters are given and the choice is automatic.
+
+    LMDeploy treats every ``--backend`` other than ``pytorch`` (including its default ``turbomind``)
+    as "choose for me"; with adapters that choice must not be TurboMind, which serves the base model.
+    """
+    if not adapters or backend == "pytorch":
+        return backend
+    if _auto_backend(model_path, trust_remote_code) == "turbomind":
+        logger.warning(
+            "%s, which ignores LoRA adapters and would serve the base model; using the PyTorch engine instead "
+            "(pass --backend pytorch to choose it yourself; to serve with TurboMind, merge the adapter into the "
+            "model first). Adapters: %s", BACKEND_SWITCH, " ".join(map(str, adapters)))
+    # PyTorch was the automatic choice or is now: LMDeploy need not choose (and warn) a second time.
+    return "pytorch"
+
+
+_SERVE_KEY = ("lmdeploy.cli.serve", "SubCliServe", "api_server")
+_CHAT_KEY = ("lmdeploy.cli.chat", "", "main")
+
+
+def _serve_api_server(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``SubCliServe.api_server(args)``: fix ``args.backend`` before LMDeploy reads it."""
+    cli_args = args[0] if args else kwargs.get("args")
+    # A parser built while we were installed keeps this wrapper after uninstall(): act as LMDeploy then.
+    if _SERVE_KEY in _cli_originals and cli_args is not None and hasattr(cli_args, "backend"):
+        cli_args.backend = _resolve_backend(getattr(cli_args, "adapters", None), cli_args.backend,
+                                            cli_args.model_path, bool(getattr(cli_args, "trust_remote_code", False)))
+    return wrapped(*args, **kwargs)
+
+
+def _make_chat_main(signature: inspect.Signature) -> Callable[..., Any]:
+    def chat_main(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``lmdeploy.cli.chat.main(model_path, backend, ..., **kwargs)``: fix ``backend`` before it is used."""
+        if _CHAT_KEY not in _cli_originals:  # uninstalled; someone kept a reference to this wrapper
+            return wrapped(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        params = bound.arguments
+        extra = next((params[p.name] for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), {})
+        trust = params.get("trust_remote_code", extra.get("trust_remote_code", False))
+        if "backend" in params and "model_path" in params:
+            params["backend"] = _resolve_backend(extra.get("adapters"), params["backend"], params["model_path"],
+                                                 bool(trust))
+        return wrapped(*bound.args, **bound.kwargs)
+
+    return chat_main
+
+
+def _wrap_backend_choice(module: ModuleType) -> None:
+    """Wrap the CLI command of ``module`` that picks an engine (see the module docstring)."""
+    name = module.__name__
+    if name == _SERVE_KEY[0]:
+        (_, cls_name, attr), handler = _SERVE_KEY, _serve_api_server
+    elif name == _CHAT_KEY[0]:
+        (_, cls_name, attr), handler = _CHAT_KEY, None  # built from the function's signature below
+    else:
+        return
+    owner = _cli_owner(module, cls_name)
+    if owner is None or attr not in vars(owner):
+        return
+    raw = vars(owner)[attr]
+    func = raw.__func__ if isinstance(raw, staticmethod) else raw
+    if is_wrapper(func) or not callable(func):
+        return
+    if handler is None:
+        handler = _make_chat_main(inspect.signature(func))
+    wrapper = BackendChoiceWrapper(func, handler)
+    _cli_originals[(name, cls_name, attr)] = raw
+    setattr(owner, attr, staticmethod(wrapper) if isinstance(raw, staticmethod) else wrapper)
+    logger.debug("wrapped %s.%s", name, f"{cls_name}.{attr}" if cls_name else attr)
+
+
+def _cli_owner(module: ModuleType, cls_name: str) -> Any:
+    return getattr(module, cls_name, None) if cls_name else module
+
+
 def install() -> bool:
     """Wrap every imported target module and hook the rest; idempotent.
 
@@ -154,6 +258,7 @@ def install() -> bool:
             module = sys.modules.get(name)
             if module is not None:
                 _wrap_module(module)
+                _wrap_backend_choice(module)
         return True
 
 
@@ -168,8 +273,14 @@ def uninstall() -> None:
             if module is None or not is_wrapper(current):
                 continue  # absent, untouched, or re-wrapped by someone else: leave it alone
             module.add_adapters = _originals.get(name, current.__wrapped__)
+        for (name, cls_name, attr), raw in _cli_originals.items():
+            module = sys.modules.get(name)
+            owner = _cli_owner(module, cls_name) if module is not None else None
+            if owner is not None and is_wrapper(getattr(owner, attr, None)):
+                setattr(owner, attr, raw)
         _originals.clear()
         _wrappers.clear()
+        _cli_originals.clear()
 
 
 def is_installed() -> bool:
@@ -183,6 +294,11 @@ def is_installed() -> bool:
             current = getattr(module, "add_adapters", None) if module is not None else None
             if current is not None and not is_wrapper(current):
                 return False
+        for name, cls_name, attr in (_SERVE_KEY, _CHAT_KEY):
+            module = sys.modules.get(name)
+            owner = _cli_owner(module, cls_name) if module is not None else None
+            if owner is not None and hasattr(owner, attr) and not is_wrapper(getattr(owner, attr)):
+                return False
         return True
 
 
@@ -191,3 +307,4 @@ def on_module_loaded(module: ModuleType) -> None:
     with _lock:
         if install():
             _wrap_module(module)
+            _wrap_backend_choice(module)
