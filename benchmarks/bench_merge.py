@@ -1,0 +1,118 @@
+"""``lmdeploy-regex-lora merge`` against PEFT's merge on the same model: wall time, CPU time, peak memory.
+
+Peak memory is the peak RSS of the merging process, from ``os.wait4`` on exactly that child. The
+target of issue 5 is a peak under 1.5x (largest shard + adapter file); the RSS of an interpreter that
+has only imported what the merge imports (torch, LMDeploy's model code, our package) is measured too,
+since that floor is paid before the first byte is merged. After the runs, both merged checkpoints are
+compared tensor by tensor (the same keys; float16 values within one rounding step).
+
+Runs alternate (ours, PEFT, PEFT, ours, ...); medians are reported. Model and adapter: the
+Qwen2-0.5B-shaped float16 checkpoint in 4 shards (largest 300 MiB) and the ms-swift regex adapter
+(r=64 on all 168 decoder linears, float32) of bench_load.
+
+    python -m benchmarks.bench_merge [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+
+from . import common
+from .bench_servable import merge_cli_available
+
+BASELINE = "import torch, safetensors.torch, lmdeploy.pytorch.models.patch, lmdeploy_regex_lora.merge"
+
+
+def measure(cmd: list[str], out: pathlib.Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    r = common.run_measured([sys.executable, *cmd], cwd=common.ROOT)
+    r["written"] = common.folder_bytes(out)
+    return r
+
+
+def load_checkpoint(folder: pathlib.Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def compare(ours: pathlib.Path, peft: pathlib.Path, base: pathlib.Path) -> str:
+    """How far our merged tensors are from PEFT's, in float16 rounding steps of the larger value."""
+    import torch
+
+    a, b, orig = load_checkpoint(ours), load_checkpoint(peft), load_checkpoint(base)
+    keys_ok = a.keys() == orig.keys()
+    common_keys = sorted(a.keys() & b.keys())
+    changed = worst_ulps = 0
+    for key in common_keys:
+        x, y = a[key].to(torch.float32), b[key].to(torch.float32)
+        if not torch.equal(a[key], orig[key]):
+            changed += 1
+        diff = (x - y).abs()
+        ulp = torch.finfo(torch.float16).eps * torch.maximum(x.abs(), y.abs()).clamp_min(2.0**-14)
+        worst_ulps = max(worst_ulps, float((diff / ulp).max()))
+    shards = sorted(p.name for p in ours.glob("*.safetensors"))
+    return (f"ours: {len(a)} tensors in {len(shards)} shard(s), same keys as the base: {keys_ok}, {changed} changed "
+            f"by the merge; PEFT's save has {len(b)} tensors; on the {len(common_keys)} shared keys the largest "
+            f"difference is {worst_ulps:.2f} float16 rounding steps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--cache", default=str(common.DEFAULT_CACHE))
+    parser.add_argument("--work", default=None, help="folder for merged outputs (default: a temporary one)")
+    args = parser.parse_args(argv)
+    cache = pathlib.Path(args.cache)
+    common.print_machine()
+    base = common.make_base_model(cache)
+    adapter = common.make_adapter(base, targets="regex", cache=cache)
+    if not merge_cli_available():
+        print("`python -m lmdeploy_regex_lora.cli merge` is not available in this tree; nothing to compare")
+        return 1
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    largest = max((base / f).stat().st_size for f in set(index["weight_map"].values()))
+    adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
+    target = 1.5 * (largest + adapter_bytes)
+
+    with tempfile.TemporaryDirectory(prefix="bench-merge-", dir=args.work) as tmp:
+        work = pathlib.Path(tmp)
+        ours_out, peft_out = work / "ours", work / "peft"
+        results = common.interleave({
+            "lmdeploy-regex-lora merge": lambda: measure(
+                ["-m", "lmdeploy_regex_lora.cli", "merge", str(base), str(adapter), str(ours_out), "--no-progress"],
+                ours_out),
+            "PEFT merge_and_unload + save_pretrained": lambda: measure(
+                ["-m", "benchmarks.steps", "peft-merge", str(base), str(adapter), str(peft_out)], peft_out),
+        }, reps=args.reps, warmup=0)
+        floor = common.median(common.run_measured([sys.executable, "-c", BASELINE], cwd=common.ROOT)["maxrss"]
+                              for _ in range(3))
+        check = compare(ours_out, peft_out, base)
+
+    rows = []
+    for name, runs in results.items():
+        rss = common.median(r["maxrss"] for r in runs)
+        rows.append([name, common.fmt_seconds(common.median(r["wall"] for r in runs)),
+                     common.fmt_seconds(common.median(r["cpu"] for r in runs)), common.fmt_bytes(rss),
+                     f"{rss / (largest + adapter_bytes):.2f}x", common.fmt_bytes(max(0, rss - floor)),
+                     common.fmt_bytes(runs[-1]["written"])])
+    print(f"\nlargest shard {common.fmt_bytes(largest)}, adapter file {common.fmt_bytes(adapter_bytes)}: "
+          f"target peak < 1.5 x {common.fmt_bytes(largest + adapter_bytes)} = {common.fmt_bytes(target)}")
+    print(f"import floor (peak RSS of `python -c \"{BASELINE}\"`, median of 3): {common.fmt_bytes(floor)}")
+    print(f"medians of {args.reps} interleaved runs:\n")
+    print(common.table(rows, ["merge", "wall", "CPU", "peak RSS", "peak / (shard + adapter)", "peak - import floor",
+                              "written"]))
+    print("\n" + check)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
