@@ -280,23 +280,44 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
 
 
 def read_adapter_config(name: str, path: str | os.PathLike) -> AdapterConfig:
-    """Read and validate ``<path>/adapter_config.json``."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise AdapterError("the adapter folder does not exist or is not a directory.", adapter=name, file=path,
-                           fix="pass --adapters NAME=PATH with the folder that holds adapter_config.json.")
+    """Read and validate ``<path>/adapter_config.json``.
+
+    The file is read as bytes through :func:`.adapter_weights.read_regular_file` (non-blocking open,
+    regular-file check on the descriptor, size bound), so a FIFO, device or huge file never hangs us.
+    """
+    import stat
+
+    from .adapter_weights import os_error, read_regular_file
+
+    path = os.fsdecode(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise AdapterError("the adapter folder does not exist.", adapter=name, file=path,
+                           fix="pass --adapters NAME=PATH with the folder that holds adapter_config.json.") from None
+    except OSError as exc:
+        raise os_error(name, path, exc, "adapter folder") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise AdapterError("the adapter path is not a directory.", adapter=name, file=path,
+                           fix="pass --adapters NAME=PATH with the folder that holds adapter_config.json, "
+                               "not a file in it.")
     file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(file):
+    try:
+        os.lstat(file)
+    except FileNotFoundError:
         raise AdapterError(f"{CONFIG_NAME} is missing.", adapter=name, file=file,
                            fix="point --adapters at the checkpoint folder PEFT or ms-swift wrote "
-                               "(it holds adapter_config.json and adapter_model.safetensors).")
+                               "(it holds adapter_config.json and adapter_model.safetensors).") from None
+    except OSError as exc:  # EACCES here: the folder itself may not be searched
+        raise os_error(name, path, exc, "adapter folder") from None
+    # A PEFT config is a few kB; 16 MiB only stops a huge or endless file early.
+    data = read_regular_file(name, file, what=CONFIG_NAME, limit=16 << 20)
     try:
-        with open(file, encoding="utf-8") as fh:
-            raw = json.load(fh)
+        raw = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise AdapterError("nests JSON too deeply to be an adapter config.", adapter=name, file=file,
+                           fix="restore the adapter_config.json written by the training run.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"is not valid JSON ({exc}).", adapter=name, file=file,
                            fix="restore the adapter_config.json written by the training run.") from None
-    except OSError as exc:
-        raise AdapterError(f"cannot be read ({exc.strerror}).", adapter=name, file=file,
-                           fix="check the file's permissions.") from None
     return parse_adapter_config(name, path, raw)

@@ -1,20 +1,54 @@
-"""Reading an adapter's tensors: safetensors first, a pickle only through ``torch.load(weights_only=True)``.
+"""Reading an adapter's tensors: safetensors first, a pickle only after a scan and through ``weights_only``.
 
 The tensors are the ground truth of what was trained: module names and ranks come from here.
+
+Files come from training jobs, colleagues and hubs, so nothing here trusts them: every file is
+opened non-blocking and checked to be a regular file on the open descriptor (a FIFO or device
+never hangs the server, and a swapped path cannot slip through between check and read); the
+safetensors header is checked against the real file size before anything is decoded (a header
+length field claiming gigabytes is refused, never allocated); a ``.bin`` must be a PyTorch zip
+archive whose pickle imports nothing but tensor-rebuilding functions, checked opcode by opcode
+without running it, and is then loaded with ``torch.load(weights_only=True)``. When
+``adapter_model.safetensors`` exists in any form, ``adapter_model.bin`` is never opened.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import json
 import os
+import pickletools
+import stat
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AdapterError
+from .errors import AdapterError, printable
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+
+#: safetensors' own limit on the JSON header (``MAX_HEADER_SIZE`` in the Rust crate).
+MAX_SAFETENSORS_HEADER = 100_000_000
+#: The pickle inside a ``.bin`` only lists tensors; the data lives in separate zip entries.
+MAX_PICKLE_BYTES = 64 << 20
+
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "C64": 8,
+}
+
+# What torch.save writes for a dict of tensors; anything else in a pickle could run code.
+_PICKLE_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+                   ("torch._utils", "_rebuild_tensor")}
+# Opcodes that import or call without a GLOBAL we can read (STACK_GLOBAL takes its name from the stack).
+_PICKLE_REFUSED_OPS = {"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"}
+
+_UNSAFE_PICKLE_FIX = ("do not load this file anywhere; if the adapter is yours, convert it to "
+                      "adapter_model.safetensors in a trusted environment (or save it again with PEFT).")
 
 
 @dataclass
@@ -42,40 +76,264 @@ class AdapterTensors:
     base_copies: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
 
+# -- files ------------------------------------------------------------------------------------------------
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def os_error(name: str, file: str, exc: OSError, what: str) -> AdapterError:
+    """An :class:`AdapterError` for a failed ``open``/``stat`` of ``file``, with the usual cause as the fix."""
+    if isinstance(exc, FileNotFoundError):
+        problem = f"the {what} does not exist" + (" (it is a link whose target is missing)"
+                                                   if os.path.islink(file) else "") + "."
+        fix = ("download or copy the adapter again; in a Hugging Face cache a link into blobs/ without its blob "
+               "means an interrupted download.")
+    elif isinstance(exc, PermissionError):
+        problem = f"permission denied reading the {what}."
+        fix = "make the folder and its files readable (and the folder searchable) by the user the server runs as."
+    elif exc.errno == errno.ELOOP:
+        problem = f"the {what} is a loop of symbolic links."
+        fix = "point the links at the real files."
+    elif exc.errno == errno.ENXIO:
+        problem = f"the {what} is a socket or a device, not a regular file."
+        fix = "replace it with the real file."
+    else:
+        problem = f"the {what} cannot be opened ({exc.strerror or type(exc).__name__})."
+        fix = "check the file and the disk."
+    return AdapterError(problem, adapter=name, file=file, fix=fix)
+
+
+def read_regular_file(name: str, file: str, *, what: str, limit: int | None = None) -> bytes:
+    """The bytes of ``file``, which must be a regular file (links followed).
+
+    ``O_NONBLOCK`` makes ``open`` return at once on a FIFO without writer, and the check runs on the
+    open descriptor (``fstat``), so no path swapped in between can make the read block or hit a device.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(file, flags)
+    except OSError as exc:
+        raise os_error(name, file, exc, what) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterError(f"the {what} is {_kind(st.st_mode)}, not a regular file.", adapter=name, file=file,
+                               fix=f"replace it with the real {what}.")
+        if limit is not None and st.st_size > limit:
+            raise AdapterError(f"the {what} is {st.st_size} bytes, more than the {limit} this file can need.",
+                               adapter=name, file=file, fix=f"restore the {what} written by the training run.")
+        chunks, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left or os.read(fd, 1):
+            raise AdapterError(f"the {what} changed size while it was read.", adapter=name, file=file,
+                               fix="wait until the copy or download has finished, then start the server.")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise os_error(name, file, exc, what) from None
+    finally:
+        os.close(fd)
+
+
+def _listing(path: str, limit: int = 8) -> str:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return "cannot be listed"
+    if not names:
+        return "is empty"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return "holds " + ", ".join(printable(n) for n in names[:limit]) + more
+
+
 def find_weights_file(name: str, path: str) -> str:
-    """Pick the weights file; safetensors wins so a pickle next to it is never opened."""
-    st = os.path.join(path, SAFETENSORS_NAME)
-    if os.path.isfile(st):
-        return st
-    binf = os.path.join(path, BIN_NAME)
-    if os.path.isfile(binf):
-        return binf
-    raise AdapterError(f"neither {SAFETENSORS_NAME} nor {BIN_NAME} is there.", adapter=name, file=path,
-                       fix="copy the adapter's weights file next to adapter_config.json.")
+    """Pick the weights file; safetensors wins so a pickle next to it is never opened.
+
+    ``lstat``, not ``isfile``: a broken safetensors link (an interrupted Hub download) must be reported, not
+    replaced by the pickle next to it.
+    """
+    for candidate in (SAFETENSORS_NAME, BIN_NAME):
+        file = os.path.join(path, candidate)
+        try:
+            os.lstat(file)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            pass  # there, but not accessible: reading it reports why
+        return file
+    listing = _listing(path)
+    fix = "copy the adapter's weights file next to adapter_config.json."
+    if os.path.lexists(os.path.join(path, "model.safetensors")) or \
+            os.path.lexists(os.path.join(path, "model.safetensors.index.json")):
+        fix = "this folder looks like a full (merged) model, not a LoRA adapter: serve it as the model instead."
+    raise AdapterError(f"neither {SAFETENSORS_NAME} nor {BIN_NAME} is there (the folder {listing}).", adapter=name,
+                       file=path, fix=fix)
+
+
+# -- safetensors ------------------------------------------------------------------------------------------
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the name {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def check_safetensors_header(name: str, file: str, data: bytes) -> dict:
+    """Check the header against the bytes really there, before any decoding; return it."""
+    def bad(problem: str, fix: str = "the upload or copy is incomplete or damaged; copy the file again.",
+            field_: str | None = None) -> AdapterError:
+        return AdapterError(problem, adapter=name, file=file, field=field_, fix=fix)
+
+    if len(data) < 8:
+        raise bad(f"is {len(data)} bytes long, shorter than the 8-byte header length a safetensors file starts "
+                  "with (truncated).")
+    size = int.from_bytes(data[:8], "little")
+    body = len(data) - 8
+    if size > body:
+        raise bad(f"its header length field says {size} bytes, but only {body} bytes follow (truncated, or not a "
+                  "safetensors file).", field_="header length")
+    if size > MAX_SAFETENSORS_HEADER:
+        raise bad(f"its header claims {size} bytes, more than safetensors allows ({MAX_SAFETENSORS_HEADER}).",
+                  field_="header length")
+    try:
+        text = data[8:8 + size].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"its header is not UTF-8 (byte {exc.start}); tensor names must be UTF-8.",
+                  field_="header") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise bad("its header nests JSON too deeply.", field_="header") from None
+    except ValueError as exc:
+        raise bad(f"its header is not valid JSON ({exc}).", field_="header") from None
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object of tensors.", field_="header")
+    data_len = body - size
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list) \
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])
+        if not ok:
+            raise bad(f"tensor {key!r} has a malformed entry {info!r}.", field_=key)
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= data_len:
+            raise bad(f"tensor {key!r} claims bytes {start}..{end} of a {data_len}-byte data section "
+                      "(truncated or damaged).", field_=key)
+        itemsize = _SAFETENSORS_ITEMSIZE.get(info["dtype"])
+        if itemsize is not None:
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            if count * itemsize != end - start:
+                raise bad(f"tensor {key!r} ({info['dtype']}, shape {info['shape']}) needs {count * itemsize} bytes "
+                          f"but its data_offsets span {end - start}.", field_=key)
+    return header
+
+
+def _load_safetensors(name: str, file: str, data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    check_safetensors_header(name, file, data)
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise AdapterError(f"cannot be read as safetensors ({type(exc).__name__}: {exc}).", adapter=name, file=file,
+                           fix="the upload or copy is probably incomplete or damaged; copy the file again.") from None
+
+
+# -- pickle (.bin) ----------------------------------------------------------------------------------------
+
+def _allowed_global(module: str, qualname: str) -> bool:
+    if (module, qualname) in _PICKLE_GLOBALS:
+        return True
+    # torch.FloatStorage, torch.BFloat16Storage, ... and dtype objects (torch.float32).
+    return module == "torch" and qualname.isidentifier() and (
+        qualname.endswith("Storage") or isinstance(getattr(torch, qualname, None), torch.dtype))
+
+
+def scan_pickle(name: str, file: str, payload: bytes) -> None:
+    """Refuse a pickle that would import anything but tensor rebuilding, without running any of it."""
+    try:
+        for op, arg, pos in pickletools.genops(payload):
+            if op.name == "GLOBAL":
+                module, _, qualname = str(arg).partition(" ")
+                if not _allowed_global(module, qualname):
+                    raise AdapterError(f"its pickle would import and call {module}.{qualname} (opcode at byte {pos})"
+                                       "; refused before unpickling, nothing in it was run.", adapter=name,
+                                       file=file, field="pickle", fix=_UNSAFE_PICKLE_FIX)
+            elif op.name in _PICKLE_REFUSED_OPS:
+                raise AdapterError(f"its pickle uses opcode {op.name} (byte {pos}), which can import arbitrary code; "
+                                   "refused before unpickling, nothing in it was run.", adapter=name, file=file,
+                                   field="pickle", fix=_UNSAFE_PICKLE_FIX)
+    except AdapterError:
+        raise
+    except Exception as exc:  # pickletools raises ValueError on damaged streams
+        raise AdapterError(f"its pickle is damaged ({exc}).", adapter=name, file=file, field="pickle",
+                           fix="the file is incomplete or not a PyTorch checkpoint; save the adapter again.") from None
+
+
+def _load_bin(name: str, file: str, data: bytes) -> dict[str, torch.Tensor]:
+    stream = io.BytesIO(data)
+    if not zipfile.is_zipfile(stream):
+        raise AdapterError("is not a PyTorch zip archive (what torch.save writes since PyTorch 1.6); raw and legacy "
+                           "pickles are refused because they cannot be checked before they run.", adapter=name,
+                           file=file, fix=_UNSAFE_PICKLE_FIX)
+    try:
+        with zipfile.ZipFile(stream) as archive:
+            records = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
+            if len(records) != 1:
+                raise AdapterError(f"holds {len(records)} data.pkl records; a PyTorch checkpoint has exactly one.",
+                                   adapter=name, file=file, fix="save the adapter again.")
+            if records[0].file_size > MAX_PICKLE_BYTES:
+                raise AdapterError(f"its pickle claims {records[0].file_size} bytes; a list of tensors never needs "
+                                   f"more than {MAX_PICKLE_BYTES}.", adapter=name, file=file, field="pickle",
+                                   fix=_UNSAFE_PICKLE_FIX)
+            with archive.open(records[0]) as fh:
+                payload = fh.read(MAX_PICKLE_BYTES + 1)
+    except AdapterError:
+        raise
+    except Exception as exc:  # zipfile: BadZipFile, CRC errors, truncated members
+        raise AdapterError(f"is a damaged zip archive ({type(exc).__name__}: {exc}).", adapter=name, file=file,
+                           fix="the upload or copy is incomplete; copy the file again.") from None
+    scan_pickle(name, file, payload)
+    try:
+        stream.seek(0)
+        return torch.load(stream, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses any pickle that would run code
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise AdapterError(f"cannot be loaded safely ({type(exc).__name__}: {first}).", adapter=name, file=file,
+                           fix="convert it to adapter_model.safetensors from a trusted environment.") from None
 
 
 def _load_raw(name: str, file: str) -> dict[str, torch.Tensor]:
+    data = read_regular_file(name, file, what="weights file")
     if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(file, device="cpu")
-        except Exception as exc:  # safetensors raises several types for truncated / corrupt files
-            raise AdapterError(
-                f"cannot be read as safetensors ({type(exc).__name__}: {exc}).", adapter=name, file=file,
-                fix="the upload or copy is probably incomplete; copy the file again.",
-            ) from None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses any pickle that would run code
-        raise AdapterError(f"cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0]}).",
-                           adapter=name, file=file,
-                           fix="convert it to adapter_model.safetensors from a trusted environment.") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return _load_safetensors(name, file, data)
+    state = _load_bin(name, file, data)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise AdapterError("does not hold a flat mapping of names to tensors.", adapter=name, file=file,
                            fix="save the adapter with PEFT's save_pretrained.")
     return state
 
+
+# -- pairing ----------------------------------------------------------------------------------------------
 
 def _refusal_for_key(key: str) -> str | None:
     leaf = key.rsplit(".", 1)[-1]
@@ -88,6 +346,28 @@ def _refusal_for_key(key: str) -> str | None:
     if ".lora_E" in key or key.endswith("lora_E"):
         return "AdaLoRA tensors (lora_E) are not plain LoRA"
     return None
+
+
+def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Tensor) -> None:
+    def bad(problem: str, fix: str) -> AdapterError:
+        return AdapterError(f"tensor {key!r} {problem}", adapter=name, file=file, module=module, fix=fix)
+
+    if tensor.layout != torch.strided:
+        raise bad(f"is a {tensor.layout} tensor; LoRA weights are dense.", "save the adapter again with PEFT.")
+    if tensor.dim() != 2:
+        raise bad(f"has shape {tuple(tensor.shape)}; a LoRA weight of a linear layer is 2-D.",
+                  "only LoRA on linear layers can be served; merge the adapter instead.")
+    if not torch.is_floating_point(tensor):
+        raise bad(f"has dtype {tensor.dtype}, not a floating point type.",
+                  "save the adapter again; quantized or integer LoRA weights cannot be served.")
+    if tensor.numel() == 0:
+        raise bad(f"is empty (shape {tuple(tensor.shape)}): rank 0 or a zero-size layer.",
+                  "the weights file is damaged or was saved before training; save the adapter again.")
+    # isfinite has no kernel for the 8-bit float types; the float32 copy keeps NaN and Inf.
+    probe = tensor if tensor.element_size() >= 2 else tensor.float()
+    if not bool(torch.isfinite(probe).all()):
+        raise bad("holds NaN or Inf values.", "the training run diverged or the file is damaged; "
+                                              "use an earlier checkpoint.")
 
 
 def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
@@ -114,23 +394,23 @@ def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
             base_copies[key] = (module, tensor)
             continue
         parts = body.rsplit(".", 2)
+        if len(parts) == 3 and parts[0].rsplit(".", 1)[-1] in ("lora_A", "lora_B") and parts[2] == "weight":
+            raise AdapterError(f"tensor {key!r} carries the adapter name {parts[1]!r}: it was saved from the model's "
+                               "state_dict, not with save_pretrained.", adapter=name, file=file,
+                               module=parts[0].rsplit(".", 1)[0],
+                               fix=f"save the adapter with PEFT's save_pretrained (or drop '.{parts[1]}' from the "
+                                   "tensor names).")
         if len(parts) != 3 or parts[1] not in ("lora_A", "lora_B") or parts[2] != "weight":
             raise AdapterError(f"tensor {key!r} is not a LoRA weight (lora_A/lora_B); it would replace or add "
                                "base weights (modules_to_save?).", adapter=name, file=file,
                                fix="merge this adapter into the base model and serve the merge.")
         module, half = parts[0], parts[1]
-        if tensor.dim() != 2:
-            raise AdapterError(f"tensor {key!r} has shape {tuple(tensor.shape)}; a LoRA weight of a linear "
-                               "layer is 2-D.", adapter=name, file=file, module=module,
-                               fix="only LoRA on linear layers can be served; merge the adapter instead.")
-        if not torch.is_floating_point(tensor):
-            raise AdapterError(f"tensor {key!r} has dtype {tensor.dtype}, not a floating point type.",
-                               adapter=name, file=file, module=module, fix="save the adapter again.")
-        if not bool(torch.isfinite(tensor).all()):
-            raise AdapterError(f"tensor {key!r} holds NaN or Inf values.", adapter=name, file=file,
-                               module=module, fix="the training run diverged or the file is damaged; "
-                                                  "use an earlier checkpoint.")
+        _check_tensor(name, file, key, module, tensor)
         halves.setdefault(module, {})[half] = (key, tensor)
+    if not halves:
+        raise AdapterError(f"holds no lora_A/lora_B tensors (only {len(base_copies)} full weight(s)), so it would "
+                           "serve the base model unchanged.", adapter=name, file=file,
+                           fix="point --adapters at the LoRA checkpoint of the training run.")
 
     pairs: dict[str, LoraPair] = {}
     for module, h in sorted(halves.items()):
@@ -139,7 +419,7 @@ def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
             raise AdapterError(f"has no {missing} for this module.", adapter=name, file=file, module=module,
                                fix="the weights file is incomplete; save the adapter again.")
         (a_key, a), (b_key, b) = h["lora_A"], h["lora_B"]
-        if a.shape[0] != b.shape[1] or a.shape[0] == 0:
+        if a.shape[0] != b.shape[1]:
             raise AdapterError(f"lora_A is {tuple(a.shape)} and lora_B is {tuple(b.shape)}: their ranks "
                                "disagree.", adapter=name, file=file, module=module,
                                fix="the weights file is damaged or mixes two adapters; save it again.")

@@ -1,6 +1,24 @@
 """What runs in place of LMDeploy's ``add_adapters``: read every adapter, plan, then fill LoRA slots.
 
 Adapter ids follow LMDeploy's ``AdapterManager``: names sorted, id 0 reserved for "no adapter".
+
+``LMDEPLOY_REGEX_LORA_ON_ERROR`` decides what a bad adapter does to the whole load:
+
+* ``raise`` (default): the first :class:`AdapterError` stops the load and the model is left as it
+  was (LMDeploy then fails to start, with our message).
+* ``skip``: the bad adapter is logged at ERROR level and left out; the others are served. LMDeploy
+  numbers adapters by sorted name on its own (``AdapterManager``), so the skipped one keeps its id
+  with rank 0 in every LoRA slot, and the others keep theirs. A request that names the skipped
+  adapter is still accepted by LMDeploy and gets the **base model's** outputs; the ERROR line says so.
+
+Set it in the environment of the process that builds the model (LMDeploy's engine process, its
+``mp`` workers or Ray actors inherit the server's environment). Errors that name no single
+adapter (e.g. adapters loaded twice) always raise.
+
+Whatever fails, nothing stays attached: LoRA slots added by this call are removed again, weights
+folded by it restored, and LMDeploy's step context manager put back as it was. An exception the
+plugin did not foresee is re-raised as an :class:`AdapterError` naming the adapter and module it
+was working on, with the original chained.
 """
 
 from __future__ import annotations
@@ -14,12 +32,15 @@ import torch
 
 from .adapter_config import read_adapter_config
 from .adapter_weights import read_adapter_tensors
-from .errors import AdapterError
+from .errors import AdapterError, unexpected
 from .model_map import ModelMap
-from .plan import LoadPlan, ResolvedAdapter, build_slots, resolve_adapter
+from .plan import AdapterPlan, LoadPlan, ResolvedAdapter, build_folds, build_slots, resolve_adapter
 from .slots import install_slots
 
 logger = logging.getLogger("lmdeploy.regex_lora")
+
+ENV_ON_ERROR = "LMDEPLOY_REGEX_LORA_ON_ERROR"
+ON_ERROR_MODES = ("raise", "skip")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -27,37 +48,205 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_model() if hasattr(model, "get_model") else model
 
 
-def resolve(model: torch.nn.Module, adapters: Mapping[str, str | os.PathLike]) -> tuple[LoadPlan, list, dict]:
-    """Read and match every adapter against the model; touches nothing. Returns (plan, resolved, layouts)."""
-    model = _unwrap(model)
+def on_error_mode() -> str:
+    """``raise`` or ``skip`` from :data:`ENV_ON_ERROR`; a typo is an error, not a silent default."""
+    value = os.environ.get(ENV_ON_ERROR, "").strip().lower() or "raise"
+    if value not in ON_ERROR_MODES:
+        raise AdapterError(f"{ENV_ON_ERROR}={value!r} is not one of {', '.join(ON_ERROR_MODES)}.", field=ENV_ON_ERROR,
+                           fix=f"set {ENV_ON_ERROR}=raise (the default) or {ENV_ON_ERROR}=skip.")
+    return value
+
+
+def _checked_paths(adapters: object) -> dict[str, str]:
+    """Names -> folder paths as ``str``; bytes and ``os.PathLike`` are accepted, anything else refused."""
     if not isinstance(adapters, Mapping):
         raise AdapterError(f"adapters must be a mapping of names to folders, got {type(adapters).__name__}.",
                            fix="pass --adapters NAME=PATH [NAME=PATH ...].")
-    names = sorted(adapters)
+    out = {}
+    for name, path in adapters.items():
+        if not isinstance(name, str):
+            raise AdapterError(f"adapter names must be strings, got {name!r}.", fix="pass --adapters NAME=PATH.")
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise AdapterError(f"the path must be a folder name, got {type(path).__name__} {path!r}.", adapter=name,
+                               field="path", fix="pass --adapters NAME=PATH with the adapter's folder.")
+        out[name] = os.fsdecode(path)
+    return out
+
+
+def _skipped_placeholder(name: str, adapter_id: int, path: str, err: AdapterError) -> ResolvedAdapter:
+    """Keeps the skipped adapter's id: it owns no module, so build_slots gives it rank 0 everywhere."""
+    plan = AdapterPlan(name=name, adapter_id=adapter_id, path=path, config_file=err.file or "", weights_file="",
+                       target_modules=[], naming=f"NOT SERVED, requests get the base model ({err.problem})",
+                       use_rslora=False, layer_rule=None, pattern_rule=None)
+    return ResolvedAdapter(plan=plan, by_site={})
+
+
+def _resolve(model: torch.nn.Module, paths: dict[str, str], skipped: dict[str, AdapterError],
+             collect: bool) -> tuple[LoadPlan, list, dict]:
     model_map = ModelMap(model)
     resolved: list[ResolvedAdapter] = []
-    for adapter_id, name in enumerate(names, start=1):
-        path = os.fspath(adapters[name])
-        cfg = read_adapter_config(name, path)
-        tensors = read_adapter_tensors(name, path)
-        resolved.append(resolve_adapter(cfg, tensors, adapter_id, model_map))
-    slots = build_slots(resolved, model_map)
+    for adapter_id, name in enumerate(sorted(paths), start=1):
+        path = paths[name]
+        if name not in skipped:
+            try:
+                cfg = read_adapter_config(name, path)
+                tensors = read_adapter_tensors(name, path)
+                resolved.append(resolve_adapter(cfg, tensors, adapter_id, model_map))
+                continue
+            except Exception as exc:
+                err = exc if isinstance(exc, AdapterError) else _wrap(exc, "reading and matching the adapter",
+                                                                       adapter=name, file=path)
+                if not collect:
+                    if err is exc:
+                        raise
+                    raise err from exc
+                skipped[name] = err
+                _log_skipped(name, adapter_id, err)
+        resolved.append(_skipped_placeholder(name, adapter_id, path, skipped[name]))
+    try:
+        slots = build_slots(resolved, model_map)
+        folds = build_folds(resolved, model_map)
+    except AdapterError:
+        raise
+    except Exception as exc:
+        raise _wrap(exc, "planning the LoRA slots") from exc
     layouts = {name: site.interleaved_qkv for name, site in model_map.sites.items() if site.interleaved_qkv}
-    return LoadPlan(adapters=[r.plan for r in resolved], slots=slots), resolved, layouts
+    return LoadPlan(adapters=[r.plan for r in resolved], slots=slots, folds=folds), resolved, layouts
+
+
+def resolve(model: torch.nn.Module, adapters: Mapping[str, str | os.PathLike]) -> tuple[LoadPlan, list, dict]:
+    """Read and match every adapter against the model; touches nothing. Returns (plan, resolved, layouts)."""
+    return _resolve(_unwrap(model), _checked_paths(adapters), {}, collect=False)
+
+
+def _log_skipped(name: str, adapter_id: int, err: AdapterError) -> None:
+    logger.error("adapter %r (id %d) is NOT served: %s=skip left it out. Requests naming %r get the BASE MODEL's "
+                 "outputs (rank 0 in every LoRA slot), not the adapter's; the other adapters keep their ids. "
+                 "Reason: %s", name, adapter_id, ENV_ON_ERROR, name, err)
+
+
+# -- unexpected failures ------------------------------------------------------------------------------
+
+def _locate(exc: BaseException, plan: LoadPlan | None = None) -> tuple[str | None, str | None]:
+    """(adapter, module) the plugin was working on when ``exc`` was raised, from its own frames' locals."""
+    names = {a.adapter_id: a.name for a in plan.adapters} if plan is not None else {}
+    adapter = module = None
+    tb = exc.__traceback__
+    while tb is not None:  # outermost to innermost: the innermost hit wins
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__", "").startswith(__package__ or "lmdeploy_regex_lora"):
+            loc = frame.f_locals
+            for key in ("mplan", "fold", "slot"):
+                obj = loc.get(key)
+                mod = getattr(obj, "hf_name", None)
+                if isinstance(mod, str):
+                    module = mod
+                    ranks = getattr(obj, "ranks", None)
+                    if isinstance(ranks, list):
+                        owners = [names.get(i, str(i)) for i, r in enumerate(ranks) if r]
+                        adapter = ", ".join(owners) if owners else adapter
+                    elif isinstance(getattr(obj, "adapter", None), str):
+                        adapter = obj.adapter
+                    break
+            ra = loc.get("ra")
+            if isinstance(getattr(getattr(ra, "plan", None), "name", None), str):
+                adapter = ra.plan.name
+        tb = tb.tb_next
+    return adapter, module
+
+
+def _wrap(exc: BaseException, stage: str, plan: LoadPlan | None = None, adapter: str | None = None,
+          file: str | None = None) -> AdapterError:
+    found_adapter, module = _locate(exc, plan)
+    return unexpected(exc, stage, adapter=found_adapter or adapter, file=file, module=module)
+
+
+# -- installing with rollback -------------------------------------------------------------------------
+
+class _Snapshot:
+    """What this call may change on LMDeploy's objects, to put back after any failure."""
+
+    def __init__(self, model: torch.nn.Module, plan: LoadPlan) -> None:
+        modules = dict(model.named_modules())
+        self.slots = {name: dict(mod.lora_adapters) for name, mod in modules.items()
+                      if isinstance(getattr(mod, "lora_adapters", None), torch.nn.ModuleDict)}
+        self.weights = {}
+        for fold in plan.folds:
+            weight = modules[fold.lmdeploy_module].weight
+            self.weights[fold.lmdeploy_module] = (weight, weight.detach().clone())
+        self.ctx_mgr = getattr(model, "ctx_mgr", None)
+        self.ctx_attrs = dict(vars(self.ctx_mgr)) if hasattr(self.ctx_mgr, "__dict__") else None
+
+    def restore(self, model: torch.nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for name, before in self.slots.items():
+            current = modules[name].lora_adapters
+            for key in [k for k in current if before.get(k) is not current[k]]:
+                del current[key]
+            for key, lora in before.items():
+                if key not in current:
+                    current[key] = lora
+        for weight, old in self.weights.values():
+            if not torch.equal(weight, old):
+                weight.data.copy_(old)
+        if self.ctx_attrs is not None:
+            attrs = vars(self.ctx_mgr)
+            for key in [k for k in attrs if k not in self.ctx_attrs]:
+                del attrs[key]
+            attrs.update(self.ctx_attrs)
+
+
+def _install(model: torch.nn.Module, plan: LoadPlan, resolved: list, layouts: dict, dtype: torch.dtype,
+             device: torch.device) -> None:
+    snapshot = _Snapshot(model, plan)
+    try:
+        install_slots(model, plan.slots, resolved, layouts, dtype=dtype, device=device, folds=plan.folds)
+    except BaseException as exc:
+        snapshot.restore(model)
+        if isinstance(exc, AdapterError) or not isinstance(exc, Exception):
+            raise
+        raise _wrap(exc, "filling the LoRA slots", plan) from exc
 
 
 @torch.inference_mode()
 def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dtype: torch.dtype = torch.float16,
                  device: torch.device | None = None) -> LoadPlan | None:
-    """Load ``adapters`` into LMDeploy's ``model`` exactly as PEFT computes them, or raise :class:`AdapterError`."""
+    """Load ``adapters`` into LMDeploy's ``model`` exactly as PEFT computes them, or raise :class:`AdapterError`.
+
+    With ``LMDEPLOY_REGEX_LORA_ON_ERROR=skip`` a bad adapter is logged and left out instead (see the module doc).
+    """
     if not adapters:
         return None
     if device is None:
         device = torch.device("cuda")
     start = time.perf_counter()
+    skip = on_error_mode() == "skip"
     model = _unwrap(model)
-    plan, resolved, layouts = resolve(model, adapters)
-    install_slots(model, plan.slots, resolved, layouts, dtype=dtype, device=torch.device(device))
-    logger.info("loaded %d adapter(s) into %d LoRA slots in %.2f s:\n%s", len(plan.adapters), len(plan.slots),
-                time.perf_counter() - start, plan.render())
+    paths = _checked_paths(adapters)
+    skipped: dict[str, AdapterError] = {}
+    ids = {name: i for i, name in enumerate(sorted(paths), start=1)}
+    while True:
+        try:
+            plan, resolved, layouts = _resolve(model, paths, skipped, collect=skip)
+            _install(model, plan, resolved, layouts, dtype, torch.device(device))
+            break
+        except AdapterError as err:
+            # Slot planning or filling failed for one adapter: leave it out too and plan again.
+            if not skip or err.adapter not in ids or err.adapter in skipped:
+                raise
+            skipped[err.adapter] = err
+            _log_skipped(err.adapter, ids[err.adapter], err)
+    if plan.folds:
+        counts: dict[str, int] = {}
+        for f in plan.folds:
+            counts[f.adapter] = counts.get(f.adapter, 0) + 1
+        logger.warning(
+            "LoRA on vision/projector layers is folded into the base weights, so EVERY request (other adapters "
+            "and the base model included) sees it: %s. LMDeploy cannot tell which request an image row belongs "
+            "to; the plan lists the layers.",
+            ", ".join(f"adapter {a!r}: {n} layer(s)" for a, n in sorted(counts.items())))
+    served = len(plan.adapters) - len(skipped)  # the skipped ones keep a placeholder (their id)
+    logger.info("loaded %d adapter(s) into %d LoRA slots in %.2f s%s:\n%s", served, len(plan.slots),
+                time.perf_counter() - start, f" ({len(skipped)} skipped: {', '.join(sorted(skipped))})"
+                if skipped else "", plan.render())
     return plan
