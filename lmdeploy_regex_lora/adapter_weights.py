@@ -380,7 +380,7 @@ def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
 
     halves: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     base_copies: dict[str, tuple[str, torch.Tensor]] = {}
-    for key, tensor in raw.items():
+    for key, tensor in sorted(raw.items()):  # sorted: the same file always gives the same first error
         reason = _refusal_for_key(key)
         if reason:
             raise AdapterError(f"tensor {key!r}: {reason}.", adapter=name, file=file,
