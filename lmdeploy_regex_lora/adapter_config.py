@@ -25,7 +25,7 @@ CONFIG_NAME = "adapter_config.json"
 # (training-only settings, bookkeeping, initialisation recipes whose result is in the tensors).
 # ``velora_config`` swaps only LoRA A's backward pass; ``init_lora_weights='mica'`` freezes B during
 # training: both forward exactly as LoRA.
-_HARMLESS_KEYS = frozenset(
+HARMLESS_FIELDS = frozenset(
     {
         "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
         "lora_dropout", "megatron_config", "megatron_core", "loftq_config", "eva_config",
@@ -55,6 +55,16 @@ REFUSED_FIELDS: dict[str, str] = {
     "kasa_config": "KaSA truncates the base weight's singular values and inserts a learned diagonal between "
                    "lora_A and lora_B",
 }
+
+# Sub-config fields: PEFT turns any JSON object (even ``{}``) into a config instance, which switches the
+# variant on; only ``null`` leaves it off.
+_SUBCONFIG_FIELDS = frozenset({"arrow_config", "use_bdlora", "monteclora_config", "kasa_config"})
+
+#: Fields this module reads (the others are harmless, refused, or unknown and ignored).
+PARSED_FIELDS = frozenset({
+    "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias", "lora_bias", "init_lora_weights",
+})
 
 # init_lora_weights values whose training rewrote the base weights: the raw checkpoint only
 # reproduces the trained model on top of that rewritten base.
@@ -202,8 +212,11 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
             _refuse_if(value is not None, name, file, key,
                        "cannot be used when target_modules is a regex string (PEFT refuses this config too).",
                        f"encode the layer selection in the regex and drop {key}.")
-    _refuse_if(bool(raw_pattern) and raw_layers is None, name, file, "layers_pattern",
-               "is set without layers_to_transform (PEFT refuses this config).", "drop layers_pattern.")
+    if raw_pattern and raw_layers is None:
+        # PEFT <= 0.13 saved such configs and ignored the pattern; later releases refuse to load them.
+        logger.debug("adapter %r: layers_pattern without layers_to_transform selects nothing; ignored (%s)",
+                     name, file)
+        raw_pattern = None
     layers_to_transform = _int_or_ints(name, file, raw_layers) if raw_layers is not None else None
     layers_pattern = _str_or_strs(name, file, raw_pattern) if raw_pattern is not None else None
 
@@ -225,7 +238,8 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
     # Fields that change the computation in ways a LoRA slot cannot express.
     for key, why in REFUSED_FIELDS.items():
         value = raw.get(key)
-        _refuse_if(bool(value), name, file, key, f"{key}={value!r}: {why}.", _MERGE_FIX)
+        is_set = value is not None if key in _SUBCONFIG_FIELDS else bool(value)
+        _refuse_if(is_set, name, file, key, f"{key}={value!r}: {why}.", _MERGE_FIX)
     bias = raw.get("bias", "none")
     _refuse_if(bias not in ("none", "all", "lora_only", None), name, file, "bias",
                f"must be 'none', 'all' or 'lora_only', got {bias!r}.", "fix the field.")
@@ -249,13 +263,8 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
                    "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) makes one, with "
                    "init_lora_weights=true).")
 
-    known = {
-        "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
-        "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias",
-        "lora_bias", "init_lora_weights", *REFUSED_FIELDS,
-    }
-    ignored = tuple(sorted(k for k in raw if k not in known))
-    unknown = [k for k in ignored if k not in _HARMLESS_KEYS]
+    ignored = tuple(sorted(k for k in raw if k not in PARSED_FIELDS and k not in REFUSED_FIELDS))
+    unknown = [k for k in ignored if k not in HARMLESS_FIELDS]
     if unknown:
         logger.debug("adapter %r: ignoring keys %s in %s (they do not change the computation)", name, unknown, file)
 

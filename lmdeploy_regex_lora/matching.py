@@ -337,7 +337,8 @@ def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights
                         f"trained modules; the {rule} rule ({LAYER_RULE_RELEASES[rule]}) does")
                 verdicts = {n: Match(v.targeted, v.reason + note) if v.targeted else v for n, v in verdicts.items()}
             return layer_rule, verdicts, selected
-    _, verdicts, selected = attempts[0]
+    # Report under the rule that came closest (most trained modules selected; the writing release's on ties).
+    _, verdicts, selected = min(attempts, key=lambda a: (-len(a[2] & trained), len(a[2] ^ trained)))
     extra, missing = trained - selected, selected - trained
     if not selected:
         raise AdapterError(
