@@ -23,8 +23,10 @@ was working on, with the original chained.
 
 from __future__ import annotations
 
+import linecache
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 
@@ -127,8 +129,14 @@ def _log_skipped(name: str, adapter_id: int, err: AdapterError) -> None:
 
 # -- unexpected failures ------------------------------------------------------------------------------
 
+_PLAN_LOCALS = ("mplan", "fold", "slot")  # ModulePlan, FoldPlan, SlotPlan: what the plugin's loops work on
+
+
 def _locate(exc: BaseException, plan: LoadPlan | None = None) -> tuple[str | None, str | None]:
-    """(adapter, module) the plugin was working on when ``exc`` was raised, from its own frames' locals."""
+    """(adapter, module) the plugin was working on when ``exc`` was raised, from its own frames' locals.
+
+    A finished loop leaves its variable behind, so a name used on the failing line wins over the rest.
+    """
     names = {a.adapter_id: a.name for a in plan.adapters} if plan is not None else {}
     adapter = module = None
     tb = exc.__traceback__
@@ -136,21 +144,20 @@ def _locate(exc: BaseException, plan: LoadPlan | None = None) -> tuple[str | Non
         frame = tb.tb_frame
         if frame.f_globals.get("__name__", "").startswith(__package__ or "lmdeploy_regex_lora"):
             loc = frame.f_locals
-            for key in ("mplan", "fold", "slot"):
+            on_line = set(re.findall(r"\w+", linecache.getline(frame.f_code.co_filename, tb.tb_lineno)))
+            for key in sorted(_PLAN_LOCALS, key=lambda k: k not in on_line):
                 obj = loc.get(key)
-                mod = getattr(obj, "hf_name", None)
-                if isinstance(mod, str):
-                    module = mod
-                    ranks = getattr(obj, "ranks", None)
-                    if isinstance(ranks, list):
-                        owners = [names.get(i, str(i)) for i, r in enumerate(ranks) if r]
-                        adapter = ", ".join(owners) if owners else adapter
-                    elif isinstance(getattr(obj, "adapter", None), str):
-                        adapter = obj.adapter
-                    break
-            ra = loc.get("ra")
-            if isinstance(getattr(getattr(ra, "plan", None), "name", None), str):
-                adapter = ra.plan.name
+                if not isinstance(getattr(obj, "hf_name", None), str):
+                    continue
+                module = obj.hf_name
+                if key == "slot":  # shared by every adapter with a rank there
+                    adapter = ", ".join(names.get(i, str(i)) for i, r in enumerate(obj.ranks) if r) or None
+                elif key == "fold":
+                    adapter = obj.adapter
+                else:  # a ModulePlan belongs to the adapter of the same loop iteration
+                    ra_name = getattr(getattr(loc.get("ra"), "plan", None), "name", None)
+                    adapter = ra_name if isinstance(ra_name, str) else adapter
+                break
         tb = tb.tb_next
     return adapter, module
 
@@ -158,7 +165,10 @@ def _locate(exc: BaseException, plan: LoadPlan | None = None) -> tuple[str | Non
 def _wrap(exc: BaseException, stage: str, plan: LoadPlan | None = None, adapter: str | None = None,
           file: str | None = None) -> AdapterError:
     found_adapter, module = _locate(exc, plan)
-    return unexpected(exc, stage, adapter=found_adapter or adapter, file=file, module=module)
+    adapter = found_adapter or adapter
+    if file is None and plan is not None:  # the weights file of the one adapter concerned, when there is one
+        file = next((a.weights_file for a in plan.adapters if a.name == adapter and a.weights_file), None)
+    return unexpected(exc, stage, adapter=adapter, file=file, module=module)
 
 
 # -- installing with rollback -------------------------------------------------------------------------

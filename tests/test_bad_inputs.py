@@ -859,12 +859,14 @@ def with_lm_head(base_dir, tmp_path_factory):
 def test_fault_while_building_slots(model, good_adapter, monkeypatch):
     """Fault injection: the second ``slots._build_slot`` call raises (before anything is attached)."""
     from lmdeploy_regex_lora import slots
+    from lmdeploy_regex_lora.loader import resolve
 
     model, state = model
+    second = resolve(model, {"only": good_adapter})[0].slots[1].hf_name  # the plan's order
     wrapper, calls = _nth_call_raises(2, slots._build_slot)
     monkeypatch.setattr(slots, "_build_slot", wrapper)
     err = _assert_clean_failure(model, state, {"only": good_adapter})
-    assert err.adapter == "only" and err.module is not None and err.module.startswith("model.layers."), str(err)
+    assert err.adapter == "only" and err.module == second, str(err)
     monkeypatch.undo()
     load(model, {"only": good_adapter})  # nothing half-done was left: a clean load works afterwards
     assert state.lora_slots()
@@ -873,13 +875,15 @@ def test_fault_while_building_slots(model, good_adapter, monkeypatch):
 def test_fault_while_filling_slots(model, good_adapter, monkeypatch):
     """Fault injection: ``slots._place`` (copying one module's A and B into its slot) raises on its fifth call."""
     from lmdeploy_regex_lora import slots
+    from lmdeploy_regex_lora.loader import resolve
 
     model, state = model
+    fifth = resolve(model, {"only": good_adapter})[1][0].plan.modules[4].hf_name  # filled in plan order
     wrapper, calls = _nth_call_raises(5, slots._place)
     monkeypatch.setattr(slots, "_place", wrapper)
     err = _assert_clean_failure(model, state, {"only": good_adapter})
     assert calls["n"] == 5
-    assert err.adapter == "only" and err.module and err.module.startswith("model.layers."), str(err)
+    assert err.adapter == "only" and err.module == fifth, str(err)
 
 
 def test_fault_while_attaching_rolls_back(model, with_lm_head, monkeypatch):
@@ -887,12 +891,18 @@ def test_fault_while_attaching_rolls_back(model, with_lm_head, monkeypatch):
 
     The LM-head slot makes install patch LMDeploy's step context manager first; it must be undone too.
     """
+    from lmdeploy_regex_lora.loader import resolve
+
     model, state = model
+    plan = resolve(model, {"lmh": with_lm_head})[0]
+    assert any(s.hf_name.endswith("lm_head") for s in plan.slots)
+    third = plan.slots[2].hf_name  # attached in plan order
     wrapper, calls = _nth_call_raises(3, torch.nn.ModuleDict.__setitem__)
     monkeypatch.setattr(torch.nn.ModuleDict, "__setitem__", wrapper)
     err = _assert_clean_failure(model, state, {"lmh": with_lm_head})
-    assert calls["n"] >= 3
-    assert err.adapter == "lmh" and err.module is not None, str(err)
+    assert calls["n"] == 3
+    assert err.adapter == "lmh" and err.module == third, str(err)
+    assert err.file == str(with_lm_head / "adapter_model.safetensors"), str(err)
 
 
 def test_fault_while_planning(model, good_adapter, monkeypatch):
