@@ -4,6 +4,20 @@ We parse the JSON ourselves instead of going through ``peft.PeftConfig``: with p
 version LMDeploy pins) one unknown key written by a newer PEFT makes ``PeftConfig`` drop every
 LoRA field, and LMDeploy then serves garbage or crashes. Every problem is raised here, at parse
 time, as an :class:`AdapterError` naming the adapter, the file and the field.
+
+How each field of PEFT 0.10 .. 0.21 is handled (tests/test_config_refusals.py checks that every field
+any of those releases writes is in one of these groups):
+
+* read (:data:`PARSED_FIELDS`): ``r`` / ``lora_alpha`` (PEFT's defaults 8 / 8; any finite alpha),
+  targets, exclusions, layer selection, rank/alpha patterns (their order is kept: PEFT >= 0.15 applies
+  the first key that matches, and PEFT's ``save_pretrained`` writes them sorted, which is the order
+  PEFT itself reloads them in), ``use_rslora``; ``fan_in_fan_out`` is accepted and has no effect
+  (PEFT resets it to False on ``nn.Linear``, and LoRA's forward never reads it); ``bias`` /
+  ``lora_bias`` are refused only when the weights hold bias tensors (without them PEFT loads the
+  adapter onto the untouched biases too); ``init_lora_weights`` that rewrote the base are refused
+  unless the checkpoint is the converted form;
+* refused when set (:data:`REFUSED_FIELDS`): every variant that is not additive LoRA on linears;
+* ignored (:data:`HARMLESS_FIELDS`, and any unknown key, logged at debug level).
 """
 
 from __future__ import annotations

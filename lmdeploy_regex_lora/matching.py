@@ -19,6 +19,9 @@ to 0.21 (read from each release's source; tests run them against these functions
   (:data:`PATTERN_RULES`). Tensor shapes fix every module's rank; the config's rule must reproduce
   them. The recorded release's rule wins; without a record we follow PEFT >= 0.15 and flag, per
   module, an alpha that an older rule consistent with the tensors would have set differently.
+  Keys are tried in the file's order, which is what PEFT reloads: every release's ``save_pretrained``
+  sorts the JSON keys, so where keys overlap the trained model (dict order at training time) and PEFT's
+  own reload of it can differ; only the reload is recorded anywhere.
 
 Regexes run on the ``regex`` package with a deadline, so a pattern built for catastrophic
 backtracking gives up instead of hanging the server.
