@@ -472,6 +472,13 @@ EQUIVALENCE = {
         dict(target_modules=r"^(language_model(?=\.).*\.(q_proj|v_proj|o_proj))$", r=16, lora_alpha=16,
              alpha_pattern={"q_proj|v_proj": 64}, extra_config={"peft_version": "0.14.0"}),
     ]),
+    # swift v2.3-v2.6 form on an LLM: also fullmatches the decoder layers, attention/MLP blocks and norms
+    # (vanilla PEFT refuses it; swift's hook kept the linears), combined with a rank_pattern.
+    "qwen2-swift-v2.6-container-regex": ("qwen2", "checkpoint", [
+        dict(target_modules=r"^(model)(?!.*(lm_head|output|emb|wte|shared)).*", r=24, lora_alpha=32,
+             rank_pattern={"mlp.down_proj": 48}),
+        dict(target_modules=["k_proj"], r=8, lora_alpha=16, use_rslora=True),
+    ]),
     "internvl-hf-exclude-vision": ("internvl_hf", "tf452", [
         dict(target_modules=["q_proj", "k_proj"], r=24, lora_alpha=24, use_rslora=True,
              extra_config={"exclude_modules": r"model\.vision_tower\..*", "layers_to_transform": [0, 1],
@@ -505,7 +512,7 @@ def test_served_equals_merged(case, tiny_model, tmp_path, plugin_installed):
     assert stats["targeted"] >= 2, stats
     # What each case is about shows in the plan.
     reasons = " | ".join(m.reason for a in plan.adapters for m in a.modules)
-    if case.startswith("qwen2"):
+    if case == "qwen2-layers-patterns-exclude":
         assert "layer 1 in layers_to_transform [1]" in reasons and "rank_pattern['down_proj']" in reasons
         assert {m.rank for m in plan.adapters[0].modules} == {16, 48}
         assert not any(".layers.0." in m.hf_name for m in plan.adapters[0].modules)
@@ -514,6 +521,8 @@ def test_served_equals_merged(case, tiny_model, tmp_path, plugin_installed):
         assert "the peft==0.14 rule reproduces them" in reasons and plan.adapters[1].pattern_rule == "peft==0.14"
         v_alpha = {m.alpha for m in plan.adapters[1].modules if m.hf_name.endswith("v_proj")}
         assert v_alpha == {16.0}  # PEFT 0.14: `.*\.q_proj|v_proj$` does not reach v_proj
+    if case.startswith("qwen2-swift"):
+        assert len(plan.adapters[0].modules) == 14 and {m.rank for m in plan.adapters[0].modules} == {24, 48}
     if case.startswith("internvl-hf"):
         assert not any("vision" in m.hf_name for m in plan.adapters[0].modules)
 
