@@ -724,7 +724,7 @@ def evaluate(arch: str, engines: dict[str, dict[str, Any]], server: dict[str, An
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table: tokens identical, largest log-probability difference, throughput ratio."""
-    header = ["model", "path", "adapter", "tokens identical", "max |Δlogprob| gen", "max |Δlogprob| prompt",
+    header = ["model", "path", "adapter", "tokens identical", "max Δlogprob, generated", "max Δlogprob, prompt",
               "adapter effect", "served / merged tok/s", "ratio", "ok"]
     lines = []
     for r in rows:

@@ -428,7 +428,8 @@ def test_device_script_dry_run_on_cpu(pure_wheels, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LMDEPLOY_REGEX_LORA_DISABLE")}
     env.update(PYTHON=str(python), GPU_E2E_WHEELS=str(wheels), OUT=str(out))
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_e2e_device.sh"), "--dry-run"], env=env,
+    small = ["--layers", "2", "--hidden", "64", "--intermediate", "96", "--vocab", "128"]  # CPU time
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_e2e_device.sh"), "--dry-run", *small], env=env,
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -437,9 +438,9 @@ def test_device_script_dry_run_on_cpu(pure_wheels, tmp_path):
     assert report["machine"]["lmdeploy"] == md.version("lmdeploy")
     for arch in ge.ARCHS:
         stats = report["phases"][f"dry_run:{arch}"]
-        # LMDeploy modules with a delta, 4 layers: attn-r24 2 per layer (qkv_proj/wqkv, o_proj/wo); mlp-head-r8
+        # LMDeploy modules with a delta, 2 layers: attn-r24 2 per layer (qkv_proj/wqkv, o_proj/wo); mlp-head-r8
         # 2 per layer (gate_up_proj packs gate+up / w1+w3; down_proj/w2) plus the LM head.
-        assert stats["targeted"] == 4 * 2 + 4 * 2 + 1, stats
+        assert stats["targeted"] == 2 * 2 + 2 * 2 + 1, stats
         assert stats["lm_head_slots"] == [ge.LM_HEAD[arch]] and 32 in stats["kernel_blocks"]
         assert stats["max_err"] < 1e-5
     assert (out / "device.log").read_text().count("plugin on CPU") == 2
@@ -460,3 +461,184 @@ def test_main_without_cuda_stops_after_writing(tmp_path, monkeypatch, capsys):
     assert set(report["phases"]["models"]) == {"internlm2"}
     assert (tmp_path / "w" / "internlm2" / "merged-attn-r24" / "tokenizer.json").is_file()
 
+
+
+# ---------------------------------------------------------------------------------------------------- whole run
+
+#: A deterministic stand-in "model": what an engine of ``key`` (``base`` or an adapter name) answers. Shared by the
+#: fake pipeline below and the fake api_server, so that a correct plugin (adapter name -> that adapter's merged
+#: model) passes and a plugin that ignores adapters fails.
+MODEL_FN = textwrap.dedent('''
+    SHIFT = {"base": 0, "attn-r24": 11, "mlp-head-r8": 23}
+
+    def generate(key, ids, n, vocab):
+        toks = [3 + (sum(ids) + 7 * k + SHIFT[key]) % (vocab - 3) for k in range(n)]
+        alt = [3 + (t + 1 - 3) % (vocab - 3) for t in toks]
+        return toks, [{t: -0.3, a: -2.0} for t, a in zip(toks, alt)]
+
+    def score(key, ids):
+        return [{ids[j + 1]: -1.0 - SHIFT[key] / 23} for j in range(len(ids) - 1)]
+''')
+
+FAKE_LMDEPLOY_SERVER = MODEL_FN + textwrap.dedent('''
+    import json, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    argv = sys.argv[1:]
+    assert argv[:3] == ["lmdeploy", "serve", "api_server"], argv
+    base = argv[3]
+    port = int(argv[argv.index("--server-port") + 1])
+    i = argv.index("--adapters") + 1
+    adapters = {}
+    while not argv[i].startswith("--"):
+        name, _, path = argv[i].partition("=")
+        adapters[name] = path
+        i += 1
+    vocab = json.load(open(base + "/config.json"))["vocab_size"]
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send({"data": [{"id": m} for m in [base, *adapters]]})
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            key = "base" if req["model"] == base else req["model"]
+            toks, lps = generate(key, req["input_ids"], req["max_completion_tokens"], vocab)
+            content = [{"token": f"t{t}", "logprob": d[t],
+                        "top_logprobs": [{"token": f"t{k}", "logprob": v} for k, v in d.items()]}
+                       for t, d in zip(toks, lps)]
+            self._send({"choices": [{"index": 0, "logprobs": {"content": content}, "output_ids": toks}]})
+
+    ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+''')
+
+
+class _FakeOut:
+    def __init__(self, ids, toks, lps):
+        self.ids, self.toks, self.lps = ids, toks, lps
+
+    def to_response(self, index):
+        from lmdeploy.messages import Response
+
+        return Response(text="", generate_token_len=len(self.toks), input_token_len=len(self.ids),
+                        finish_reason="length", token_ids=list(self.toks), logprobs=self.lps, index=index)
+
+
+class _FakeEngine:
+    def __init__(self, key_for, vocab, fns):
+        self.key_for, self.vocab, self.fns = key_for, vocab, fns
+
+    async def preprocess(self, messages, session, gen_config=None, input_ids=None, adapter_name=None):
+        assert messages is None and input_ids
+        return (self.key_for(adapter_name), list(input_ids), gen_config)
+
+    async def generate(self, request, stream_response=True):
+        key, ids, cfg = request
+        if cfg.logprob_start_len >= 0:
+            assert cfg.max_new_tokens == 0
+            yield _FakeOut(ids, [], self.fns["score"](key, ids))
+        else:
+            toks, lps = self.fns["generate"](key, ids, cfg.max_new_tokens, self.vocab)
+            yield _FakeOut(ids, toks, lps if cfg.logprobs else None)
+
+
+class _FakeSessions:
+    def __init__(self):
+        self.live = set()
+
+    def get(self):
+        self.live.add(len(self.live) + 1000)
+        return max(self.live)
+
+    def remove(self, session):
+        self.live.discard(session)
+
+
+class _FakePipeline:
+    """Stands in for ``lmdeploy.pipeline`` (its engine needs CUDA): the attributes ``gpu_e2e`` uses, answering
+    with ``MODEL_FN``; the merged folder of an adapter answers as that adapter."""
+
+    def __init__(self, model_path, backend_config, fns, ignore_adapters, opened):
+        import asyncio
+        import threading
+
+        folder = pathlib.Path(model_path).name
+        merged = folder[len("merged-"):] if folder.startswith("merged-") else None
+        adapters = backend_config.adapters or {}
+        assert backend_config.logprobs_mode == "raw_logprobs" and backend_config.dtype == "float16"
+
+        def key_for(name):
+            assert name is None or name in adapters, name
+            return merged or ("base" if name is None or ignore_adapters else name)
+
+        vocab = json.loads((pathlib.Path(model_path) / "config.json").read_text())["vocab_size"]
+        self.async_engine = _FakeEngine(key_for, vocab, fns)
+        self.session_mgr = _FakeSessions()
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        self.internal_thread = type("T", (), {"loop": loop})()
+        opened.append((model_path, dict(adapters)))
+        self.opened = opened
+
+    def close(self):
+        self.internal_thread.loop.call_soon_threadsafe(self.internal_thread.loop.stop)
+        assert not self.session_mgr.live, "sessions left open"
+
+
+@pytest.mark.parametrize("ignore_adapters", [False, True], ids=["plugin-applies-adapters", "plugin-ignores-them"])
+def test_whole_run_with_stand_ins_for_the_gpu_parts(ignore_adapters, tmp_path, monkeypatch, capsys,
+                                                    plugin_installed):
+    """``main`` end to end with LMDeploy's engine and server replaced (they need CUDA): every engine of the plan
+    is opened, mixed requests and scoring go through ``_collect``, throughput is timed, the server is started with
+    ``server_command``'s own arguments, and the verdict follows the stand-ins: PASS when each adapter answers as
+    its merged model, FAIL (exit 1) when the adapters are ignored."""
+    import lmdeploy
+
+    fns: dict = {}
+    exec(MODEL_FN, fns)  # noqa: S102  (our own fixed source, shared with the fake server)
+    opened: list = []
+    monkeypatch.setattr(lmdeploy, "pipeline",
+                        lambda path, backend_config, **kw: _FakePipeline(path, backend_config, fns, ignore_adapters,
+                                                                         opened))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    script = tmp_path / "fake_lmdeploy_server.py"
+    script.write_text(FAKE_LMDEPLOY_SERVER)
+    real_command = ge.server_command
+    monkeypatch.setattr(ge, "server_command", lambda ms, port, args: [sys.executable, str(script),
+                                                                      *real_command(ms, port, args)[2:]])
+    out = tmp_path / "out"
+    rc = ge.main(["--work", str(tmp_path / "w"), "--out", str(out), "--vocab", "64", "--hidden", "32",
+                  "--intermediate", "48", "--layers", "1", "--prompts", "3", "--new-tokens", "5",
+                  "--bench-prompts", "4", "--bench-new-tokens", "3", "--bench-reps", "2", "--server-timeout", "30"])
+    text = capsys.readouterr().out
+    report = json.loads((out / "gpu_e2e.json").read_text())
+    assert not report["errors"], report["errors"]
+    assert [pathlib.Path(p).name for p, _ in opened] == ["base", "merged-attn-r24", "merged-mlp-head-r8", "base"] * 2
+    assert [sorted(a) for _, a in opened[::4]] == [["attn-r24", "mlp-head-r8"]] * 2
+    rows = report["rows"]
+    assert len(rows) == 2 * (3 + 3)  # per model: pipeline a, b, base; api_server a, b, base
+    assert all(r["gen"]["n"] == 3 for r in rows)
+    assert (out / "server-qwen2.log").exists() and (out / "server-internlm2.log").exists()
+    tps = [r["tps"] for r in rows if r["path"] == "pipeline" and r["adapter"] != "base"]
+    assert len(tps) == 4 and all(t["served"] > 0 and t["merged"] > 0 for t in tps)
+    if ignore_adapters:
+        assert rc == 1 and "RESULT: FAIL" in text
+        bad = {(r["arch"], r["path"], r["adapter"]) for r in rows if not r["ok"]}
+        assert bad == {(a, "pipeline", n) for a in ge.ARCHS for n in ("attn-r24", "mlp-head-r8")}
+    else:
+        assert rc == 0 and "RESULT: PASS" in text, text[-3000:]
+        assert all(r["ok"] for r in rows) and all(r["gen"]["identical"] == 3 for r in rows)
+        assert all(r["discriminative"] for r in rows if "effect" in r)
+    assert report["table"] in text
