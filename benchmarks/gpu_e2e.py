@@ -36,6 +36,9 @@ LMDeploy's own ``Tokenizer``, builds LMDeploy's models on CPU with the plugin an
 slot with the merged checkpoints (``lmdeploy_regex_lora.verify``), and prints the engine plan and the server
 command line.
 
+All pipelines run first, then the servers; no phase starts once ``--budget`` seconds (420) have passed, so the
+table and ``gpu_e2e.json`` come back within one device call (540 s) even if a phase hangs or fails.
+
 On the device machine (no network) LMDeploy and its missing dependencies travel as wheels made by
 ``benchmarks/gpu_e2e_prepare.py`` and are installed by ``benchmarks/gpu_e2e_device.sh``, which runs this file.
 
@@ -592,8 +595,12 @@ def http_json(url: str, payload: dict[str, Any] | None = None, timeout: float = 
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
                                  method="GET" if data is None else "POST")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read().decode())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read().decode())
+    except urllib.error.HTTPError as exc:  # keep the server's own explanation (LMDeploy answers JSON errors)
+        body = exc.read().decode(errors="replace")[:2000]
+        raise RuntimeError(f"{url} answered HTTP {exc.code}: {body} (request: {str(payload)[:500]})") from exc
 
 
 def wait_ready(base_url: str, timeout: float, proc: subprocess.Popen | None = None) -> list[str]:
@@ -896,7 +903,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--session-len", type=int, default=1024)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--cache-max-entry-count", type=float, default=0.03)
-    p.add_argument("--server-timeout", type=float, default=240.0)
+    p.add_argument("--server-timeout", type=float, default=180.0, help="seconds to wait for the api_server")
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds after which no new phase starts and the table is printed (the device call has 540)")
     p.add_argument("--request-timeout", type=float, default=120.0)
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -928,23 +937,30 @@ def engine_plan(ms: ModelSet, skip_throughput: bool
     return plan
 
 
-def run_arch(ms: ModelSet, prompts: list[list[int]], args: argparse.Namespace, report: Report,
-             log_dir: pathlib.Path) -> list[dict[str, Any]]:
-    """Every engine of one architecture, then its api_server; the report's rows for it."""
-    arch = ms.arch
-    engines: dict[str, dict[str, Any]] = {}
+class OutOfTime(RuntimeError):
+    """The run's ``--budget`` is spent: later phases are skipped so that the table still comes back."""
+
+
+def run_engines(ms: ModelSet, prompts: list[list[int]], args: argparse.Namespace, report: Report,
+                deadline: float, engines: dict[str, dict[str, Any]]) -> None:
+    """Every engine of one architecture's plan, in order, each opened, used and closed; results go into
+    ``engines`` as they come (a failure keeps what came before it)."""
     for key, folder, adapters, run_names, bench_names in engine_plan(ms, args.skip_throughput):
-        print(f"[{arch}] pipeline {key} ...", flush=True)
+        if time.perf_counter() > deadline:
+            raise OutOfTime(f"--budget spent before pipeline {key}")
+        print(f"[{ms.arch}] pipeline {key} ...", flush=True)
         engines[key] = run_pipeline(folder, adapters, run_names, prompts, args, bench_names)
-        report.phase(f"pipeline:{arch}:{key}", engines[key])
-        print(f"[{arch}] pipeline {key}: engine up in {engines[key]['startup_s']:.1f} s", flush=True)
-    server = None
-    if not args.skip_server:
-        print(f"[{arch}] api_server ...", flush=True)
-        server = run_server(ms, prompts, args, log_dir / f"server-{arch}.log")
-        report.phase(f"server:{arch}", server)
-        print(f"[{arch}] api_server up in {server['startup_s']:.1f} s; models {server['listed']}", flush=True)
-    return evaluate(arch, engines, server, TOLERANCE[args.dtype])
+        report.phase(f"pipeline:{ms.arch}:{key}", engines[key])
+        print(f"[{ms.arch}] pipeline {key}: engine up in {engines[key]['startup_s']:.1f} s", flush=True)
+
+
+def _record_error(report: Report, where: str, exc: BaseException) -> None:
+    import traceback
+
+    tb = traceback.format_exc()
+    report.data["errors"].append({"arch": where, "error": repr(exc), "traceback": tb})
+    report.flush()
+    print(f"[{where}] FAILED: {exc!r}\n{tb}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -954,6 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = pathlib.Path(args.work) if args.work else pathlib.Path(tempfile.mkdtemp(prefix="gpu_e2e_"))
     report = Report(out, args)
     t0 = time.perf_counter()
+    deadline = t0 + args.budget
     sets = prepare_models(work, args.models, dims, seed=args.seed)
     prompts = make_prompts(args.prompts, dims.vocab, seed=args.seed)
     report.phase("models", {a: s.to_dict() for a, s in sets.items()})
@@ -967,21 +984,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing beyond --dry-run can run here", file=sys.stderr)
         return 2
-    failed = False
+    # All pipelines first, then the servers: a server that hangs cannot starve the pipeline comparisons.
+    engines: dict[str, dict[str, dict[str, Any]]] = {}
+    complete = []
     for arch, ms in sets.items():
+        engines[arch] = {}
         try:
-            rows = run_arch(ms, prompts, args, report, out if out is not None else work)
-        except Exception as exc:  # record, go on with the next model: one call must bring back all it can
-            import traceback
-
-            failed = True
-            report.data["errors"].append({"arch": arch, "error": repr(exc), "traceback": traceback.format_exc()})
-            report.flush()
-            print(f"[{arch}] FAILED: {exc!r}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            run_engines(ms, prompts, args, report, deadline, engines[arch])
+            complete.append(arch)
+        except Exception as exc:  # record, go on: one call must bring back all it can
+            _record_error(report, arch, exc)
+    servers: dict[str, dict[str, Any]] = {}
+    log_dir = out if out is not None else work
+    for arch, ms in sets.items():
+        if args.skip_server or arch not in complete:
             continue
+        left = deadline - time.perf_counter()
+        try:
+            if left < 30:
+                raise OutOfTime(f"--budget spent before the api_server ({left:.0f} s left)")
+            print(f"[{arch}] api_server ...", flush=True)
+            servers[arch] = run_server(ms, prompts, _with_timeout(args, left),
+                                       log_dir / f"server-{arch}.log")
+            report.phase(f"server:{arch}", servers[arch])
+            print(f"[{arch}] api_server up in {servers[arch]['startup_s']:.1f} s; models {servers[arch]['listed']}",
+                  flush=True)
+        except Exception as exc:
+            _record_error(report, f"{arch} api_server (log: {log_dir / f'server-{arch}.log'})", exc)
+    for arch in complete:
+        rows = evaluate(arch, engines[arch], servers.get(arch), TOLERANCE[args.dtype])
         report.data["rows"].extend(rows)
-        report.flush()
-        failed = failed or not all(r["ok"] for r in rows)
+    failed = bool(report.data["errors"]) or not all(r["ok"] for r in report.data["rows"])
     table = format_table(report.data["rows"])
     tol = TOLERANCE[args.dtype]
     report.data["table"] = table
@@ -998,6 +1031,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ERROR {e['arch']}: {e['error']}")
     print("RESULT: " + ("FAIL" if failed else "PASS") + f" in {report.data['wall_s']:.0f} s")
     return 1 if failed else 0
+
+
+def _with_timeout(args: argparse.Namespace, left: float) -> argparse.Namespace:
+    """``args`` with the server's start-up wait cut to the time left in the budget."""
+    new = argparse.Namespace(**vars(args))
+    new.server_timeout = min(args.server_timeout, max(left - 20.0, 10.0))
+    return new
 
 
 if __name__ == "__main__":

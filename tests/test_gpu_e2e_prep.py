@@ -279,6 +279,30 @@ def test_server_that_dies_or_hides_an_adapter_is_reported(tmp_path):
                       command=lambda port: [sys.executable, str(script), str(port), str(tmp_path / "r.jsonl")])
 
 
+def test_http_errors_keep_the_servers_explanation():
+    import http.server
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = b'{"error": "The model \'nope\' does not exist."}'
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 404: .*'nope' does not exist"):
+            ge.http_json(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", {"model": "nope"})
+    finally:
+        server.shutdown()
+
+
 def test_server_command_names_both_adapters_on_loopback(small_sets):
     ms = small_sets["internlm2"]
     cmd = ge.server_command(ms, 4321, ge.parse_args([]), python="py")
@@ -346,6 +370,9 @@ def test_carried_distributions_are_what_the_image_lacks():
 def test_device_run_fits_the_device_tool():
     for call in (prep.DEVICE_RUN, prep.DEVICE_RERUN):
         assert len(call["command"]) <= 2000 and len(call["carry"]) <= 8 and 60 <= call["timeout_s"] <= 600
+        extra = call["command"].split("gpu_e2e_device.sh", 1)[1].split()
+        args = ge.parse_args(extra)  # the arguments the script passes on are valid
+        assert args.budget + 60 <= call["timeout_s"], "the table must come back before the call's limit"
         ignored = subprocess.run(["git", "check-ignore", "-q", *call["carry"]], cwd=ROOT)
         assert ignored.returncode == 0, "carried paths must be git-ignored (and so never committed)"
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_e2e_device.sh")]).returncode == 0
@@ -642,3 +669,20 @@ def test_whole_run_with_stand_ins_for_the_gpu_parts(ignore_adapters, tmp_path, m
         assert all(r["ok"] for r in rows) and all(r["gen"]["identical"] == 3 for r in rows)
         assert all(r["discriminative"] for r in rows if "effect" in r)
     assert report["table"] in text
+
+
+def test_a_spent_budget_skips_later_phases_and_still_reports(tmp_path, monkeypatch, capsys, plugin_installed):
+    import lmdeploy
+
+    opened: list = []
+    fns: dict = {}
+    exec(MODEL_FN, fns)  # noqa: S102
+    monkeypatch.setattr(lmdeploy, "pipeline",
+                        lambda path, backend_config, **kw: _FakePipeline(path, backend_config, fns, False, opened))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rc = ge.main(["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--vocab", "64", "--hidden", "32",
+                  "--intermediate", "48", "--layers", "1", "--budget", "0"])
+    assert rc == 1 and not opened and "RESULT: FAIL" in capsys.readouterr().out
+    report = json.loads((tmp_path / "o" / "gpu_e2e.json").read_text())
+    assert [e["arch"] for e in report["errors"]] == list(ge.ARCHS)
+    assert all("--budget spent before pipeline plugin" in e["error"] for e in report["errors"])
