@@ -41,6 +41,10 @@ _SAFETENSORS_ITEMSIZE = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "C64": 8,
 }
 
+# Floating point safetensors dtypes (a LoRA weight is never anything else) -> torch, for headers_only.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
 # What torch.save writes for a dict of tensors; anything else in a pickle could run code.
 _PICKLE_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
                    ("torch._utils", "_rebuild_tensor")}
@@ -321,6 +325,48 @@ def _load_bin(name: str, file: str, data: bytes) -> dict[str, torch.Tensor]:
                            fix="convert it to adapter_model.safetensors from a trusted environment.") from None
 
 
+def _load_headers(name: str, file: str) -> dict[str, torch.Tensor]:
+    """``meta`` tensors (dtype and shape) from a safetensors header; no tensor data is read.
+
+    The file is mapped, not read: :func:`check_safetensors_header` slices only the length field and
+    the header out of the mapping, so only those pages are ever touched.
+    """
+    import mmap
+
+    if not file.endswith(".safetensors"):
+        raise AdapterError(f"only {SAFETENSORS_NAME} can be read without loading tensors; a .bin is a pickle that "
+                           "must be unpickled to list its tensors.", adapter=name, file=file,
+                           fix="convert the adapter to adapter_model.safetensors (or check it with a command that "
+                               "loads it, e.g. `lmdeploy-regex-lora verify`).")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(file, flags)
+    except OSError as exc:
+        raise os_error(name, file, exc, "weights file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterError(f"the weights file is {_kind(st.st_mode)}, not a regular file.", adapter=name,
+                               file=file, fix="replace it with the real weights file.")
+        if st.st_size < 8:
+            header = check_safetensors_header(name, file, os.read(fd, 8))
+        else:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
+                header = check_safetensors_header(name, file, view)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+    out: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise AdapterError(f"tensor {key!r} has dtype {info['dtype']}, not a floating point type.",
+                               adapter=name, file=file, field=key, fix="save the adapter again with PEFT.")
+        out[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
+    return out
+
+
 def _load_raw(name: str, file: str) -> dict[str, torch.Tensor]:
     data = read_regular_file(name, file, what="weights file")
     if file.endswith(".safetensors"):
@@ -363,6 +409,8 @@ def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Ten
     if tensor.numel() == 0:
         raise bad(f"is empty (shape {tuple(tensor.shape)}): rank 0 or a zero-size layer.",
                   "the weights file is damaged or was saved before training; save the adapter again.")
+    if tensor.is_meta:  # read with headers_only: there are no values to check
+        return
     # isfinite has no kernel for the 8-bit float types; the float32 copy keeps NaN and Inf.
     probe = tensor if tensor.element_size() >= 2 else tensor.float()
     if not bool(torch.isfinite(probe).all()):
@@ -370,11 +418,15 @@ def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Ten
                                               "use an earlier checkpoint.")
 
 
-def read_adapter_tensors(name: str, path: str | os.PathLike) -> AdapterTensors:
-    """Load and pair every ``lora_A``/``lora_B`` tensor; refuse anything else with a reason."""
+def read_adapter_tensors(name: str, path: str | os.PathLike, headers_only: bool = False) -> AdapterTensors:
+    """Load and pair every ``lora_A``/``lora_B`` tensor; refuse anything else with a reason.
+
+    ``headers_only``: the tensors are ``meta`` tensors built from the safetensors header (names, dtypes,
+    shapes; no values, so the NaN check is skipped), for planning without reading the weights.
+    """
     path = os.fspath(path)
     file = find_weights_file(name, path)
-    raw = _load_raw(name, file)
+    raw = _load_headers(name, file) if headers_only else _load_raw(name, file)
     if not raw:
         raise AdapterError("holds no tensors.", adapter=name, file=file, fix="save the adapter again.")
 
