@@ -191,16 +191,18 @@ def _stage_folds(modules: dict, folds: list[FoldPlan], resolved: list[ResolvedAd
     for fold in folds:
         ra = by_id[fold.adapter_id]
         mplan, pair = ra.by_site[fold.hf_name]
-        weight = modules[fold.lmdeploy_module].weight
+        mod = modules[fold.lmdeploy_module]
+        weight = mod.weight
         start, stop = fold.base_slice
-        out_f, in_f = pair.b.shape[0], pair.a.shape[1]
+        a, b = shard_lora(mod, (start, stop), pair.a, pair.b)  # this TP rank's part, cut like the base weight
+        out_f, in_f = b.shape[0], a.shape[1]
         if weight.dim() != 2 or weight.shape[1] != in_f or stop - start != out_f or stop > weight.shape[0]:
             raise AdapterError(
                 f"cannot fold its delta into {fold.lmdeploy_module}: the served weight is {tuple(weight.shape)} "
                 f"(split across tensor-parallel ranks?), the adapter's layer is {out_f}x{in_f} at rows "
                 f"{start}:{stop}.", adapter=ra.plan.name, file=ra.plan.weights_file,
                 module=mplan.hf_name, fix="serve with tp=1, or merge the adapter into the base model.")
-        delta = fold.scaling * (pair.b.to(weight.device, torch.float64) @ pair.a.to(weight.device, torch.float64))
+        delta = fold.scaling * (b.to(weight.device, torch.float64) @ a.to(weight.device, torch.float64))
         if fold.lmdeploy_module not in staged:  # packed layers (gate/up) fold several deltas into one weight
             staged[fold.lmdeploy_module] = (weight, weight.detach().clone())
         new = staged[fold.lmdeploy_module][1]
