@@ -164,3 +164,16 @@ def test_release_outside_range_is_left_alone(results):
     assert normal["cases"] == disabled["cases"]
     assert "error" not in normal["cases"]["internlm2-list"] and normal["cases"]["internlm2-list"]["lora"]
     assert normal["cases"]["internlm2-regex"]["error"].startswith("KeyError"), normal["cases"]["internlm2-regex"]
+
+
+def test_package_requirement_is_the_supported_range():
+    """pip must not replace a supported LMDeploy (or install an unchecked one) when installing the plugin."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    requires = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if line.strip()]
+    (lmdeploy,) = [r for r in requires if r.startswith("lmdeploy")]
+    from packaging.requirements import Requirement
+
+    assert Requirement(lmdeploy).specifier == SUPPORTED
