@@ -201,8 +201,9 @@ def render(report: dict) -> str:
         blocks: dict[int, int] = {}
         for s in report["slots"]:
             blocks[s["kernel_block_rank"]] = blocks.get(s["kernel_block_rank"], 0) + 1
-        desc = ", ".join(f"{n} with kernel rank block {b}" for b, n in sorted(blocks.items()))
-        lines.append(f"{len(report['slots'])} LoRA slots ({desc}); adapter ids: "
+        desc = " (" + ", ".join(f"{n} with kernel rank block {b}" for b, n in sorted(blocks.items())) + ")" \
+            if blocks else ""
+        lines.append(f"{len(report['slots'])} LoRA slots{desc}; adapter ids: "
                      + ", ".join(f"{a['adapter_id']}={a['name']}" for a in report["adapters"]) + " (0 = no adapter)")
     if report.get("folds"):
         shared = {m: names for m, names in report["folds"].items() if len(names) > 1}

@@ -55,12 +55,17 @@ def read_all(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def reshard(src: str | os.PathLike, dst: str | os.PathLike, num_shards: int, dtype: torch.dtype) -> pathlib.Path:
     """Write ``src``'s checkpoint to ``dst`` in ``dtype``, split into ``num_shards`` files with an index,
-    as transformers' ``save_pretrained(max_shard_size=...)`` lays it out; every other file is copied."""
+    as transformers' ``save_pretrained(max_shard_size=...)`` lays it out; every other file is copied and
+    ``config.json`` records ``torch_dtype``."""
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         if item.is_file() and not item.name.endswith(".safetensors"):
             shutil.copy2(item, dst / item.name)
+    # The config says what the weights are, as a real bf16 checkpoint's does (LMDeploy reads it).
+    config = json.loads((dst / "config.json").read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in read_all(src).items()}
     keys = list(tensors)
     per = -(-len(keys) // num_shards)

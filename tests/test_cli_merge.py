@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.cli_run import ROOT, describe, json_out, read_all, reshard, run_cli
 from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
@@ -113,6 +114,18 @@ def test_refusals_write_nothing(case, tiny_model, tmp_path):
     assert proc.returncode == 2 and "does not have" in proc.stderr, describe(proc)
     assert "Traceback" not in proc.stderr and not (tmp_path / "out1").exists()
 
+    # An LM-head adapter whose saved copy of the base LM head differs from the base model's (resized
+    # vocabulary or another base): the LoRA merge would drop it, so it is refused like serving does.
+    src = tiny_model("qwen2")
+    heads = make_peft_adapter(src, tmp_path / "heads", target_modules=["q_proj", "lm_head"])
+    tensors = load_file(str(heads / "adapter_model.safetensors"))
+    copies = [k for k in tensors if k.endswith("lm_head.base_layer.weight")]
+    assert copies, sorted(tensors)  # PEFT saved the base LM head next to the LoRA tensors
+    tensors[copies[0]] = tensors[copies[0]] + 1.0
+    save_file(tensors, str(heads / "adapter_model.safetensors"), metadata={"format": "pt"})
+    proc = run_cli("merge", src, heads, tmp_path / "out0")
+    assert proc.returncode == 2 and "differs from the base checkpoint" in proc.stderr, describe(proc)
+
     # A truncated shard and a pickled checkpoint: refused with the file named.
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -188,3 +201,37 @@ def test_memory_is_blocks_not_shards(tiny_model, tmp_path):
     # The target is 1.5x the largest shard plus the adapter; loading a shard whole would pass 2x.
     assert growth < 1.5 * largest + adapter_bytes, (growth, largest, adapter_bytes)
     assert read_all(tmp_path / "out").keys() == read_all(base).keys()
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(case, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    base, adapter, _, _ = case
+    plain = run_cli("merge", base, adapter, tmp_path / "plain")
+    assert plain.returncode == 0, describe(plain)
+    assert [line.split(":")[0] for line in plain.stderr.splitlines() if line.startswith("[")] == [
+        f"[{i}/3] model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert "SHARD" in plain.stdout and "wrote " in plain.stdout and "merging:" not in plain.stderr
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-m", "lmdeploy_regex_lora.cli", "merge", str(base), str(adapter),
+                             str(tmp_path / "tty")], cwd=str(ROOT), stdin=follower, stdout=subprocess.DEVNULL,
+                            stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, seen.decode(errors="replace")[-2000:]
+    bars = [part for part in seen.decode(errors="replace").replace("\r", "\n").split("\n") if "merging:" in part]
+    assert bars and "100%" in bars[-1], bars[-3:]

@@ -83,6 +83,7 @@ def test_vision_folds_and_lm_head(tiny_model, tmp_path):
     assert "OK: the plugin serves exactly the merged weights for every adapter" in out
     # The vision adapter's layers are folded; the LM adapter sees those folds too (the documented cost).
     assert "folded " in out and "folded by another adapter" in out
+    assert "note: requests for 'lm' also see another adapter's delta folded" in out
     assert "language_model.output" in out
     assert all(not line.rstrip().endswith("MISMATCH") for line in out.splitlines())
 
