@@ -394,6 +394,7 @@ def resolve_targets(cfg: AdapterConfig, names: Iterable[str], trained_ranks: Map
                 f"{preferred} key rule gives ranks the tensors do not have, the {chosen} rule reproduces them")
 
     modules: dict[str, ModuleChoice] = {}
+    ambiguous: list[str] = []
     for n in sorted(selected):
         rank = trained_ranks[n]
         _, alpha, rank_key, alpha_key = by_rule[chosen][n]
@@ -408,8 +409,13 @@ def resolve_targets(cfg: AdapterConfig, names: Iterable[str], trained_ranks: Map
                 alt = ", ".join(f"{r} would give alpha {a:g}" for r, a in others.items())
                 reason += (f"; AMBIGUOUS: the config records no peft_version and {alt}; set \"peft_version\" "
                            "in adapter_config.json to the release that trained it")
-                logger.warning("adapter %r, module %r: alpha %g follows the %s key rule, but %s (the config "
-                               "records no peft_version)", cfg.name, n, alpha, chosen, alt)
+                ambiguous.append(f"{n!r}: alpha {alpha:g}, but {alt}")
         modules[n] = ModuleChoice(n, rank, alpha, cfg.scaling(rank, alpha), reason)
+    if ambiguous:
+        more = f" and {len(ambiguous) - 3} more" if len(ambiguous) > 3 else ""
+        logger.warning("adapter %r: the config records no peft_version and PEFT releases disagree on the alpha of "
+                       "%d module(s); following the %s key rule: %s%s. Set \"peft_version\" in %s to the release "
+                       "that trained it.", cfg.name, len(ambiguous), chosen, "; ".join(ambiguous[:3]), more,
+                       cfg.config_file)
     return Resolution(layer_rule=layer_rule, pattern_rule=chosen if has_patterns else None,
                       verdicts=verdicts, modules=modules)
