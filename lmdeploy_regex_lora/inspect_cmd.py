@@ -135,7 +135,7 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
         if a["status"] == "ok":
             for m in a["modules"]:
                 if m["serving"] == "folded":
-                    folders.setdefault(m["lmdeploy_module"], []).append(a["name"])
+                    folders.setdefault(f"{m['lmdeploy_module']}[{m['slot']}]", []).append(a["name"])
     report["folds"] = folders or None
     return report
 

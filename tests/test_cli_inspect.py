@@ -117,6 +117,8 @@ def test_with_model_shows_how_each_module_is_served(tiny_model, tmp_path):
         w1 = "language_model.model.layers.0.feed_forward.w1"
         if w1 in modules:  # LMDeploy packs w1/w3 into gate_up_proj
             assert modules[w1]["lmdeploy_module"].endswith("feed_forward.gate_up_proj")
+    folded = {f"{m['lmdeploy_module']}[{m['slot']}]" for m in by_name["vis"]["modules"] if m["serving"] == "folded"}
+    assert len(folded) == 6 and report["folds"] == {k: ["vis"] for k in folded}  # fc1, fc2 x 2 layers, mlp1.1/.3
     # One LoRA slot per served LLM layer; folded layers get none.
     llm_sites = {(m["lmdeploy_module"], m["slot"]) for a in report["adapters"] for m in a["modules"]
                  if m["serving"] in ("per-request", "lm-head")}
