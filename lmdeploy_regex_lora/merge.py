@@ -10,7 +10,7 @@ on LMDeploy's module tree for the base model, built on the ``meta`` device.
 Memory: a merged shard has the very header of its input shard (same names, dtypes, shapes and offsets),
 so the output is written as a stream: untouched tensors are byte ranges copied through one reused 4 MiB
 buffer, and a merged weight is read, merged and written a block of rows (4 MiB of float32) at a time in
-buffers allocated once per weight. Peak memory is the adapter plus about 15 MiB, whatever the shard size.
+buffers allocated once per weight. Peak memory is the adapter plus about 30 MiB, whatever the shard size.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ Write BASE with ADAPTER merged in (W + scaling * B @ A) to OUT, for TurboMind or
 
 Safetensors in, safetensors out: the same shards, the same model.safetensors.index.json, every
 non-weight file (config, tokenizer, remote code) copied. Shards are streamed, so memory stays at
-about the adapter's size plus 15 MiB. Targets and scalings are resolved exactly as the plugin
+about the adapter's size plus 30 MiB. Targets and scalings are resolved exactly as the plugin
 serves them (LMDeploy's module tree for BASE, built on the meta device); an adapter the plan
 refuses for its content is refused here too. Layers LMDeploy cannot serve LoRA on per request
 (vision tower, projector) are merged like any other: merging is the fix for those.
