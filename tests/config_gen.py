@@ -143,10 +143,11 @@ def gen_config(c, p: Pools, *, exclude: bool = True) -> dict[str, Any]:
         cfg["target_modules"] = _target_regex(c, p)
     else:
         cfg["target_modules"] = sorted(set(c.some(p.leaves + p.suffixes + p.fulls[:6], 1, 4)))
-        if c.coin(0.5):
+        if c.coin(0.6):
             cfg["layers_to_transform"] = c.pick([0, 1, [0], [1], [0, 1], [1, 3]])
-            if cfg["layers_to_transform"] != 0 and c.coin(0.6):  # PEFT 0.14-0.20: a pattern needs a truthy selection
-                cfg["layers_pattern"] = c.pick([c.pick(p.layer_words), [c.pick(p.layer_words), "h"], "blocks", ""])
+            if cfg["layers_to_transform"] != 0 and c.coin(0.7):  # PEFT 0.14-0.20: a pattern needs a truthy selection
+                word = c.pick(p.layer_words)
+                cfg["layers_pattern"] = c.pick([word, word, [word, "h"], "blocks", ""])
     if exclude and c.coin(0.35):
         cfg["exclude_modules"] = _exclude(c, p)
     if c.coin(0.6):
