@@ -96,7 +96,61 @@ class _Deadline:
         return max(self.end - time.monotonic(), 1e-3)
 
 
+#: Upper bound on a regex's size once counted repeats are expanded. Compiling expands them (the
+#: ``regex`` package and ``re`` alike), and no matching deadline applies before the pattern exists:
+#: ``((model{1000}){1000}){1000}`` would compile for minutes. 10**6 compiles in about 0.3 s here.
+MAX_EXPANDED_REGEX = 10**6
+
+
+def expanded_size(pattern: str) -> int:
+    """Size of ``pattern`` with counted repeats unrolled, from Python's own ``re`` parser (what PEFT uses).
+
+    Parsing is linear in the pattern's length; raises ``re.error`` for what ``re`` (and so PEFT) rejects.
+    """
+    import re._parser as sre_parse  # the parser behind re.compile: no expansion, no code generation
+    from re._constants import MAXREPEAT
+
+    def size(items) -> int:
+        total = 0
+        for op, arg in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, sub = arg
+                total += max(1, high if high != MAXREPEAT else low) * size(sub)
+            elif name == "SUBPATTERN":
+                total += size(arg[-1])
+            elif name == "BRANCH":
+                total += sum(size(branch) for branch in arg[1])
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                total += size(arg[1])
+            elif name == "ATOMIC_GROUP":
+                total += size(arg)
+            elif name == "GROUPREF_EXISTS":
+                total += sum(size(branch) for branch in arg[1:] if branch)
+            else:
+                total += 1
+            if total > MAX_EXPANDED_REGEX:
+                return total  # no need to count further
+        return total
+
+    return size(sre_parse.parse(pattern))
+
+
 def _compile(cfg: AdapterConfig, field: str, pattern: str, what: str = "the regex") -> regex.Pattern:
+    import re
+
+    try:
+        expanded = expanded_size(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AdapterError(f"{what} {pattern!r} does not compile as a Python regex ({exc}); PEFT matches with "
+                           "`re`, so no PEFT release could have trained with it.", adapter=cfg.name,
+                           file=cfg.config_file, field=field,
+                           fix="write a Python `re`-compatible regex, as PEFT expects.") from None
+    if expanded > MAX_EXPANDED_REGEX:
+        raise AdapterError(f"{what} {pattern!r} expands to more than {MAX_EXPANDED_REGEX:,} elements once its "
+                           "counted repeats are unrolled; compiling it would stall the server.", adapter=cfg.name,
+                           file=cfg.config_file, field=field,
+                           fix="simplify the regex, e.g. swift's form ^(prefix.*\\.(leaf|leaf))$.")
     try:
         return regex.compile(pattern, flags=regex.VERSION0)
     except regex.error as exc:

@@ -680,9 +680,6 @@ def test_permission_denied(what, model, world_tmp):
 COMPILE_BOMB = "((model{1000}){1000}){1000}"
 
 
-@pytest.mark.xfail(strict=True, reason="open: matching.py compiles target_modules with the `regex` package, whose "
-                   "compile() expands nested counted repeats with no time limit (no deadline applies before "
-                   "matching); owner of matching.py to bound it. Strict: passes once fixed, then drop this mark.")
 def test_regex_that_takes_forever_to_compile(model, good_adapter, tmp_path):
     """A regex whose *compilation* explodes (nested counted repeats); matching deadlines cannot stop it.
 
