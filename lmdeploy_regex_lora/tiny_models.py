@@ -815,7 +815,8 @@ def build_lmdeploy_model(model_dir: str | os.PathLike, dtype: str = "float32") -
 
     path = str(model_dir)
     device = torch.device("cpu")
-    cfg = ModelConfig.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    # device_type='cpu': otherwise LMDeploy asks CUDA whether it supports a config's bfloat16.
+    cfg = ModelConfig.from_pretrained(path, trust_remote_code=True, dtype=dtype, device_type="cpu")
     ctx = BuildModelContext(
         quant_config=cfg.quant_config,
         fp32_lm_head=cfg.fp32_lm_head,
