@@ -36,7 +36,10 @@ BACKEND_CHOICE_MODULES: tuple[str, ...] = (
     "lmdeploy.cli.serve",
     "lmdeploy.cli.chat",
 )
-TARGET_MODULES: tuple[str, ...] = ADD_ADAPTERS_MODULES + BACKEND_CHOICE_MODULES
+# LMDeploy's pre-flight check of each adapter (``PeftConfig.from_pretrained``, which exits the process
+# on failure): replaced by the plugin's own config validation while it is active.
+ADAPTER_CHECK_MODULES: tuple[str, ...] = ("lmdeploy.pytorch.check_env.adapter",)
+TARGET_MODULES: tuple[str, ...] = ADD_ADAPTERS_MODULES + BACKEND_CHOICE_MODULES + ADAPTER_CHECK_MODULES
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _warned: set[str] = set()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -187,6 +188,34 @@ def _resolve_backend(adapters: Any, backend: Any, model_path: str, trust_remote_
 
 _SERVE_KEY = ("lmdeploy.cli.serve", "SubCliServe", "api_server")
 _CHAT_KEY = ("lmdeploy.cli.chat", "", "main")
+_CHECK_KEY = ("lmdeploy.pytorch.check_env.adapter", "AdapterChecker", "check")
+
+
+def _adapter_check(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``AdapterChecker.check``: validate the config as the plugin's loader will, not with ``PeftConfig``.
+
+    LMDeploy's check loads each adapter's config with peft's ``PeftConfig`` in the engine's process and
+    exits on failure, before ``add_adapters`` runs. That check both refuses configs the plugin serves
+    (``PeftConfig`` of the pinned peft chokes on some newer fields) and lets through ones it must
+    refuse; running the plugin's own validation here gives one set of rules and messages, and honours
+    ``LMDEPLOY_REGEX_LORA_ON_ERROR=skip``.
+    """
+    if _CHECK_KEY not in _cli_originals or instance is None:  # uninstalled; a stale reference
+        return wrapped(*args, **kwargs)
+    from .adapter_config import read_adapter_config
+    from .errors import AdapterError
+    from .loader import on_error_mode
+
+    path = str(getattr(instance, "adapter_path", ""))
+    name = os.path.basename(os.path.normpath(path)) or path
+    try:
+        read_adapter_config(name, path)
+    except AdapterError as err:
+        if on_error_mode() == "skip":
+            logger.error("%s (the loader will leave this adapter out: LMDEPLOY_REGEX_LORA_ON_ERROR=skip)", err)
+            return None
+        instance.log_and_exit(err, "Adapter", message=err.fix or str(err))
+    return None
 
 
 def _serve_api_server(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -217,12 +246,15 @@ def _make_chat_main(signature: inspect.Signature) -> Callable[..., Any]:
 
 
 def _wrap_backend_choice(module: ModuleType) -> None:
-    """Wrap the CLI command of ``module`` that picks an engine (see the module docstring)."""
+    """Wrap the CLI command of ``module`` that picks an engine (see the module docstring), or LMDeploy's
+    adapter pre-flight check."""
     name = module.__name__
     if name == _SERVE_KEY[0]:
         (_, cls_name, attr), handler = _SERVE_KEY, _serve_api_server
     elif name == _CHAT_KEY[0]:
         (_, cls_name, attr), handler = _CHAT_KEY, None  # built from the function's signature below
+    elif name == _CHECK_KEY[0]:
+        (_, cls_name, attr), handler = _CHECK_KEY, _adapter_check
     else:
         return
     owner = _cli_owner(module, cls_name)
@@ -242,6 +274,12 @@ def _wrap_backend_choice(module: ModuleType) -> None:
 
 def _cli_owner(module: ModuleType, cls_name: str) -> Any:
     return getattr(module, cls_name, None) if cls_name else module
+
+
+def _raw_attr(owner: Any, attr: str) -> Any:
+    """``owner``'s own ``attr`` as stored (a class hands out bound wrappers through getattr)."""
+    raw = vars(owner).get(attr) if hasattr(owner, "__dict__") else None
+    return raw.__func__ if isinstance(raw, staticmethod) else raw
 
 
 def install() -> bool:
@@ -278,7 +316,7 @@ def uninstall() -> None:
         for (name, cls_name, attr), raw in _cli_originals.items():
             module = sys.modules.get(name)
             owner = _cli_owner(module, cls_name) if module is not None else None
-            if owner is not None and is_wrapper(getattr(owner, attr, None)):
+            if owner is not None and is_wrapper(_raw_attr(owner, attr)):
                 setattr(owner, attr, raw)
         _originals.clear()
         _wrappers.clear()
@@ -296,10 +334,10 @@ def is_installed() -> bool:
             current = getattr(module, "add_adapters", None) if module is not None else None
             if current is not None and not is_wrapper(current):
                 return False
-        for name, cls_name, attr in (_SERVE_KEY, _CHAT_KEY):
+        for name, cls_name, attr in (_SERVE_KEY, _CHAT_KEY, _CHECK_KEY):
             module = sys.modules.get(name)
             owner = _cli_owner(module, cls_name) if module is not None else None
-            if owner is not None and hasattr(owner, attr) and not is_wrapper(getattr(owner, attr)):
+            if owner is not None and _raw_attr(owner, attr) is not None and not is_wrapper(_raw_attr(owner, attr)):
                 return False
         return True
 
