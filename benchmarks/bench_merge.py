@@ -51,18 +51,19 @@ def compare(ours: pathlib.Path, peft: pathlib.Path, base: pathlib.Path) -> str:
     a, b, orig = load_checkpoint(ours), load_checkpoint(peft), load_checkpoint(base)
     keys_ok = a.keys() == orig.keys()
     common_keys = sorted(a.keys() & b.keys())
-    changed = worst_ulps = 0
+    changed = worst_ulps = identical = 0
     for key in common_keys:
         x, y = a[key].to(torch.float32), b[key].to(torch.float32)
         if not torch.equal(a[key], orig[key]):
             changed += 1
+        identical += a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
         diff = (x - y).abs()
         ulp = torch.finfo(torch.float16).eps * torch.maximum(x.abs(), y.abs()).clamp_min(2.0**-14)
         worst_ulps = max(worst_ulps, float((diff / ulp).max()))
     shards = sorted(p.name for p in ours.glob("*.safetensors"))
     return (f"ours: {len(a)} tensors in {len(shards)} shard(s), same keys as the base: {keys_ok}, {changed} changed "
-            f"by the merge; PEFT's save has {len(b)} tensors; on the {len(common_keys)} shared keys the largest "
-            f"difference is {worst_ulps:.2f} float16 rounding steps")
+            f"by the merge; PEFT's save has {len(b)} tensors; on the {len(common_keys)} shared keys {identical} are "
+            f"bit-identical and the largest difference is {worst_ulps:.3g} float16 rounding steps")
 
 
 def main(argv: list[str] | None = None) -> int:
