@@ -128,7 +128,7 @@ class ModelMap:
 
         self.model = model
         self.sites: dict[str, Site] = {}
-        modules = dict(model.named_modules())
+        self.modules = modules = dict(model.named_modules())
         backbone = self._backbone_prefix(model, modules)
         for name, mod in modules.items():
             if isinstance(mod, LinearBase):

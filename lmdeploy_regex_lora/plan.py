@@ -168,6 +168,16 @@ def resolve_adapter(
         pair = tensors.pairs[n]
         rank = pair.rank
         if tuple(pair.a.shape) != (rank, site.in_features) or tuple(pair.b.shape) != (site.out_features, rank):
+            module = model_map.modules.get(site.lmdeploy_module)
+            world = int(getattr(module, "tp", 1)) if getattr(module, "is_tp", False) else 1
+            if world > 1:
+                # A sharded layer's full size is this rank's size x TP only when the split is even.
+                raise _error(cfg, file, f"lora_A is {tuple(pair.a.shape)} and lora_B is {tuple(pair.b.shape)}, but "
+                             f"this tensor-parallel rank holds {site.out_features}x{site.in_features} (out x in) "
+                             f"of the layer as if split evenly over {world} ranks: either the layer is split "
+                             "unevenly (its heads do not divide by the TP size) or the adapter belongs to another "
+                             "base model.", "serve with a TP size that divides this layer's heads, or check that "
+                             "the adapter was trained on this base model.", module=n)
             raise _error(cfg, file, f"lora_A is {tuple(pair.a.shape)} and lora_B is {tuple(pair.b.shape)}, but the "
                          f"model's layer is {site.out_features}x{site.in_features} (out x in).",
                          "the adapter was trained on a different base model (size or architecture); serve it on "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmdeploy_regex_lora.errors import AdapterError
 from lmdeploy_regex_lora.verify import compare, linear_modules, slot_delta
 from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
@@ -205,3 +206,15 @@ def test_folded_vision_layers_on_every_rank(tiny_model, tmp_path, plugin_install
         stats = compare(served, build_rank(base_dir, tp, rank), merged, folded=folded)
         assert stats["folded"] == len(folded) and stats["targeted"] > 0, (rank, stats)
     assert sharded, "no vision layer was split across ranks"
+
+
+def test_uneven_split_is_refused_with_the_reason(tiny_model, tmp_path, plugin_installed):
+    """TP=4 over the tiny InternViT's 2 heads: attn.proj (row-parallel over heads) is split 16/16/0/0, so a rank
+    cannot know the full input size from its own; the refusal says why instead of blaming the adapter."""
+    base_dir = tiny_model("internvl2_internlm2")
+    adir = make_peft_adapter(base_dir, tmp_path / "vit", seed=61, target_modules=r"^(vision_model.*\.(qkv|proj|fc2))$",
+                             r=8, lora_alpha=16)
+    with pytest.raises(AdapterError) as err:
+        build_rank(base_dir, 4, 3, {"vit": str(adir)})
+    msg = str(err.value)
+    assert "split unevenly" in msg and "4 ranks" in msg and "adapter 'vit'" in msg and "Fix:" in msg
