@@ -20,17 +20,18 @@ from pathlib import Path
 # Set before this module imports the plugin's hook: True only when the installed .pth activated it.
 _PTH_ACTIVE = "lmdeploy_regex_lora._bootstrap" in sys.modules
 
-# Two adapters an InternVL2-8B user gets from ms-swift. The first is swift v3.0.3-v3.2.x's default
-# for InternVL2 (prefix + negative look-ahead, which also matches norms and the embedding: only
-# linear layers count). The second is the v3.4.1+ form written with --target_regex, without the
-# LM head (LoRA on `output` is refused until per-request LM-head LoRA lands).
+# Two adapters an InternVL2-8B user gets from ms-swift's defaults (swift-adapters.md §1). The first is
+# v3.0.3-v3.2.x's (prefix + negative look-ahead, which also matches norms and the embedding: only linear
+# layers count). The second is v3.4.1+'s, which also matches InternLM2's LM head `language_model.output`
+# (served per request: each logits row uses its own sequence's adapter).
 ADAPTERS = {
-    "swift-v3-default": dict(
+    "swift-v3.0-default": dict(
         target_modules=r"(?!^(mlp1))^(language_model)(?!.*(lora_A|lora_B|base_layer|emb|wte|shared|lm_head|output"
                        r"|score|v_head|classifier)).*",
         r=8, lora_alpha=32, use_rslora=False, seed=1),
-    "swift-target-regex": dict(
-        target_modules=r"^(language_model.*\.(w2|w3|w1|wo|wqkv))$", r=24, lora_alpha=48, use_rslora=True, seed=2),
+    "swift-v3.4-default": dict(
+        target_modules=r"^(language_model.*\.(output|w2|w3|w1|wo|wqkv))$", r=24, lora_alpha=48, use_rslora=True,
+        seed=2),
 }
 
 
@@ -114,7 +115,11 @@ def run(workdir: Path) -> int:
         patch.add_adapters(native, adapters, dtype=torch.float32, device=cpu)
         _say("   loaded (unexpected for a regex target_modules)")
     except Exception as exc:  # LMDeploy's own failure is what we show
-        _say(f"   fails: {type(exc).__name__}: {str(exc)[:160]}")
+        import traceback
+
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{last.filename.split('site-packages/')[-1]}:{last.lineno}"
+        _say(f"   fails: {type(exc).__name__}: {str(exc)[:160]} (at {where}: {last.line})")
     del native
 
     if not lmdeploy_regex_lora.install():
@@ -125,7 +130,15 @@ def run(workdir: Path) -> int:
          "load_model_weights -> add_adapters:")
     served = build_lmdeploy_model(model_dir)
     start = time.perf_counter()
-    plan = patch.add_adapters(served, adapters, dtype=torch.float32, device=cpu)
+    import logging
+
+    plugin_log = logging.getLogger("lmdeploy.regex_lora")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.WARNING)  # the plan is printed below; LMDeploy's log would show it twice
+    try:
+        plan = patch.add_adapters(served, adapters, dtype=torch.float32, device=cpu)
+    finally:
+        plugin_log.setLevel(level)
     _say(f"   loaded in {time.perf_counter() - start:.2f} s")
     if plan is None:  # the hook returns LMDeploy's value; read the plan again for printing
         from lmdeploy_regex_lora.loader import resolve
