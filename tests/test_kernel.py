@@ -7,17 +7,9 @@ autotuner is cut to one config, since it would time candidates on a GPU.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
-
-HERE = Path(__file__).parent
+from tests.interpreted import adapters_and_merges, run_interpreted
 
 CASES = {
     # ranks 24 and 8 on shared modules: the kernel block must be 32.
@@ -37,17 +29,7 @@ CASES = {
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_kernel_mixed_batch(arch, tiny_model, tmp_path):
     base = tiny_model(arch)
-    adapters, merged = {}, {}
-    for i, spec in enumerate(CASES[arch]):
-        adir = make_peft_adapter(base, tmp_path / f"a{i}", seed=5 + i, **spec)
-        adapters[f"a{i}"] = str(adir)
-        merged[i + 1] = str(merge_adapter_checkpoint(base, adir, tmp_path / f"a{i}-merged"))
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps({"base": str(base), "adapters": adapters, "merged": merged,
-                                     "prefill_ids": [1, 0, 2, 1, 2]}))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(HERE / "kernel_run.py"), str(spec_file)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    adapters, merged = adapters_and_merges(base, tmp_path, CASES[arch], seed=5)
+    result = run_interpreted("kernel_run.py", {"base": str(base), "adapters": adapters, "merged": merged,
+                                               "prefill_ids": [1, 0, 2, 1, 2]}, tmp_path)
     assert result["modules"] > 0 and not result["failures"], result

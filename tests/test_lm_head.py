@@ -6,17 +6,9 @@ Row layouts come from LMDeploy's own agent code; the kernel is LMDeploy's, inter
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
-
-HERE = Path(__file__).parent
+from tests.interpreted import adapters_and_merges, run_interpreted
 
 CASES = {
     "qwen2": [
@@ -35,15 +27,6 @@ CASES = {
 @pytest.mark.parametrize("arch", sorted(CASES))
 def test_lm_head_rows_follow_their_request(arch, tiny_model, tmp_path):
     base = tiny_model(arch)
-    adapters, merged = {}, {}
-    for i, spec in enumerate(CASES[arch]):
-        adir = make_peft_adapter(base, tmp_path / f"a{i}", seed=21 + i, **spec)
-        adapters[f"a{i}"] = str(adir)
-        merged[i + 1] = str(merge_adapter_checkpoint(base, adir, tmp_path / f"a{i}-merged"))
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps({"base": str(base), "adapters": adapters, "merged": merged}))
-    proc = subprocess.run([sys.executable, str(HERE / "lm_head_run.py"), str(spec_file)],
-                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    adapters, merged = adapters_and_merges(base, tmp_path, CASES[arch], seed=21)
+    result = run_interpreted("lm_head_run.py", {"base": str(base), "adapters": adapters, "merged": merged}, tmp_path)
     assert len(result["cases"]) == 5 and not result["failures"], result
