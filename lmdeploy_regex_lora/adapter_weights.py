@@ -20,6 +20,7 @@ import json
 import os
 import pickletools
 import stat
+import sys
 import zipfile
 from dataclasses import dataclass, field
 
@@ -113,8 +114,8 @@ def os_error(name: str, file: str, exc: OSError, what: str) -> AdapterError:
     return AdapterError(problem, adapter=name, file=file, fix=fix)
 
 
-def read_regular_file(name: str, file: str, *, what: str, limit: int | None = None) -> bytes:
-    """The bytes of ``file``, which must be a regular file (links followed).
+def _open_regular(name: str, file: str, *, what: str, limit: int | None = None) -> tuple[int, int]:
+    """An open descriptor of ``file`` and its size; the file must be a regular file (links followed).
 
     ``O_NONBLOCK`` makes ``open`` return at once on a FIFO without writer, and the check runs on the
     open descriptor (``fstat``), so no path swapped in between can make the read block or hit a device.
@@ -132,7 +133,24 @@ def read_regular_file(name: str, file: str, *, what: str, limit: int | None = No
         if limit is not None and st.st_size > limit:
             raise AdapterError(f"the {what} is {st.st_size} bytes, more than the {limit} this file can need.",
                                adapter=name, file=file, fix=f"restore the {what} written by the training run.")
-        chunks, left = [], st.st_size
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise os_error(name, file, exc, what) from None
+        raise
+    return fd, st.st_size
+
+
+def _changed_size(name: str, file: str, what: str) -> AdapterError:
+    return AdapterError(f"the {what} changed size while it was read.", adapter=name, file=file,
+                        fix="wait until the copy or download has finished, then start the server.")
+
+
+def read_regular_file(name: str, file: str, *, what: str, limit: int | None = None) -> bytes:
+    """The bytes of ``file``, which must be a regular file (see :func:`_open_regular`)."""
+    fd, size = _open_regular(name, file, what=what, limit=limit)
+    try:
+        chunks, left = [], size
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 24))
             if not chunk:
@@ -140,9 +158,35 @@ def read_regular_file(name: str, file: str, *, what: str, limit: int | None = No
             chunks.append(chunk)
             left -= len(chunk)
         if left or os.read(fd, 1):
-            raise AdapterError(f"the {what} changed size while it was read.", adapter=name, file=file,
-                               fix="wait until the copy or download has finished, then start the server.")
+            raise _changed_size(name, file, what)
         return b"".join(chunks)
+    except OSError as exc:
+        raise os_error(name, file, exc, what) from None
+    finally:
+        os.close(fd)
+
+
+def read_regular_file_tensor(name: str, file: str, *, what: str) -> torch.Tensor:
+    """Like :func:`read_regular_file`, but read straight into one uint8 tensor.
+
+    The adapter's tensors are then views of it: one copy from the kernel, none for decoding (a
+    ``bytes`` object joined from chunks and then deserialised costs two more). Reading, not mapping,
+    keeps a file truncated while it is read an error instead of a ``SIGBUS``.
+    """
+    fd, size = _open_regular(name, file, what=what)
+    try:
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if size else memoryview(b"")
+        done = 0
+        with io.FileIO(fd, "rb", closefd=False) as fh:
+            while done < size:
+                got = fh.readinto(view[done:done + (1 << 30)])
+                if not got:
+                    break
+                done += got
+            if done < size or fh.read(1):
+                raise _changed_size(name, file, what)
+        return buffer
     except OSError as exc:
         raise os_error(name, file, exc, what) from None
     finally:
@@ -204,7 +248,7 @@ def check_safetensors_header(name: str, file: str, data: bytes) -> dict:
     if len(data) < 8:
         raise bad(f"is {len(data)} bytes long, shorter than the 8-byte header length a safetensors file starts "
                   "with (truncated).")
-    size = int.from_bytes(data[:8], "little")
+    size = int.from_bytes(bytes(data[:8]), "little")
     body = len(data) - 8
     if size > body:
         raise bad(f"its header length field says {size} bytes, but only {body} bytes follow (truncated, or not a "
@@ -213,7 +257,7 @@ def check_safetensors_header(name: str, file: str, data: bytes) -> dict:
         raise bad(f"its header claims {size} bytes, more than safetensors allows ({MAX_SAFETENSORS_HEADER}).",
                   field_="header length")
     try:
-        text = data[8:8 + size].decode("utf-8")
+        text = bytes(data[8:8 + size]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise bad(f"its header is not UTF-8 (byte {exc.start}); tensor names must be UTF-8.",
                   field_="header") from None
@@ -250,15 +294,61 @@ def check_safetensors_header(name: str, file: str, data: bytes) -> dict:
     return header
 
 
-def _load_safetensors(name: str, file: str, data: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
+def _tensor_dtypes() -> dict[str, torch.dtype]:
+    """Every safetensors dtype this torch has, so that a non-float tensor is refused by its dtype name."""
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+             "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
+             "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+             "C64": "complex64"}
+    return {st: getattr(torch, t) for st, t in names.items() if isinstance(getattr(torch, t, None), torch.dtype)}
 
-    check_safetensors_header(name, file, data)
-    try:
-        return load(data)
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise AdapterError(f"cannot be read as safetensors ({type(exc).__name__}: {exc}).", adapter=name, file=file,
-                           fix="the upload or copy is probably incomplete or damaged; copy the file again.") from None
+
+def _load_safetensors(name: str, file: str, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The file's tensors as views of ``raw`` (its bytes), after every check ``safetensors.load`` makes.
+
+    :func:`check_safetensors_header` runs first, on the header alone; then what the safetensors
+    library itself refuses (unknown dtypes, a ``__metadata__`` that is not text to text, gaps or
+    overlaps between tensors, bytes left over) is refused here with the same message as before.
+    """
+    data = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
+    header = check_safetensors_header(name, file, data)
+
+    def unreadable(reason: str) -> AdapterError:
+        return AdapterError(f"cannot be read as safetensors ({reason}).", adapter=name, file=file,
+                            fix="the upload or copy is probably incomplete or damaged; copy the file again.")
+
+    if sys.byteorder != "little":  # safetensors stores little-endian; let the library swap bytes
+        from safetensors.torch import load
+
+        try:
+            return load(bytes(data))
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise unreadable(f"{type(exc).__name__}: {exc}") from None
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise unreadable("__metadata__ must map names to strings")
+    dtypes = _tensor_dtypes()
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                     key=lambda kv: tuple(kv[1]["data_offsets"]))
+    base = 8 + int.from_bytes(bytes(data[:8]), "little")
+    expected = 0
+    out: dict[str, torch.Tensor] = {}
+    for key, info in entries:
+        dtype = dtypes.get(info["dtype"])
+        if dtype is None:
+            raise unreadable(f"tensor {key!r} has the unknown dtype {info['dtype']!r}")
+        start, end = info["data_offsets"]
+        if start != expected:
+            raise unreadable(f"tensor {key!r} starts at byte {start} of the data section, the previous tensor ends "
+                             f"at {expected} (tensors must follow each other without gap or overlap)")
+        expected = end
+        flat = raw[base + start:base + end]
+        if (base + start) % dtype.itemsize:  # a view must be aligned to its element size
+            flat = flat.clone()
+        out[key] = flat.view(dtype).reshape(info["shape"])
+    if expected != len(data) - base:
+        raise unreadable(f"the tensors end at byte {expected} of a {len(data) - base}-byte data section")
+    return out
 
 
 # -- pickle (.bin) ----------------------------------------------------------------------------------------
@@ -368,10 +458,9 @@ def _load_headers(name: str, file: str) -> dict[str, torch.Tensor]:
 
 
 def _load_raw(name: str, file: str) -> dict[str, torch.Tensor]:
-    data = read_regular_file(name, file, what="weights file")
     if file.endswith(".safetensors"):
-        return _load_safetensors(name, file, data)
-    state = _load_bin(name, file, data)
+        return _load_safetensors(name, file, read_regular_file_tensor(name, file, what="weights file"))
+    state = _load_bin(name, file, read_regular_file(name, file, what="weights file"))
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise AdapterError("does not hold a flat mapping of names to tensors.", adapter=name, file=file,
@@ -394,7 +483,7 @@ def _refusal_for_key(key: str) -> str | None:
     return None
 
 
-def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Tensor) -> None:
+def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Tensor, check_values: bool) -> None:
     def bad(problem: str, fix: str) -> AdapterError:
         return AdapterError(f"tensor {key!r} {problem}", adapter=name, file=file, module=module, fix=fix)
 
@@ -409,20 +498,38 @@ def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Ten
     if tensor.numel() == 0:
         raise bad(f"is empty (shape {tuple(tensor.shape)}): rank 0 or a zero-size layer.",
                   "the weights file is damaged or was saved before training; save the adapter again.")
-    if tensor.is_meta:  # read with headers_only: there are no values to check
+    if tensor.is_meta or not check_values:  # headers_only: no values; or the caller checks what it serves
         return
-    # isfinite has no kernel for the 8-bit float types; the float32 copy keeps NaN and Inf.
+    if not all_finite(tensor):
+        raise bad(NON_FINITE_PROBLEM, NON_FINITE_FIX)
+
+
+#: The refusal of a tensor holding NaN or Inf (also used by :mod:`.slots` for the filled slots).
+NON_FINITE_PROBLEM = "holds NaN or Inf values."
+NON_FINITE_FIX = "the training run diverged or the file is damaged; use an earlier checkpoint."
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no Inf in ``tensor``, in one pass that allocates nothing of its size.
+
+    ``aminmax`` propagates NaN and lands on any Inf, so two scalars tell; ``isfinite().all()`` writes
+    a bool tensor as large as the input first (about 5x slower on CPU). The 8-bit float types have no
+    kernel for it; their float32 copy keeps NaN and Inf.
+    """
+    if tensor.numel() == 0:
+        return True
     probe = tensor if tensor.element_size() >= 2 else tensor.float()
-    if not bool(torch.isfinite(probe).all()):
-        raise bad("holds NaN or Inf values.", "the training run diverged or the file is damaged; "
-                                              "use an earlier checkpoint.")
+    return bool(torch.isfinite(torch.stack(torch.aminmax(probe))).all())
 
 
-def read_adapter_tensors(name: str, path: str | os.PathLike, headers_only: bool = False) -> AdapterTensors:
+def read_adapter_tensors(name: str, path: str | os.PathLike, headers_only: bool = False,
+                         check_values: bool = True) -> AdapterTensors:
     """Load and pair every ``lora_A``/``lora_B`` tensor; refuse anything else with a reason.
 
     ``headers_only``: the tensors are ``meta`` tensors built from the safetensors header (names, dtypes,
     shapes; no values, so the NaN check is skipped), for planning without reading the weights.
+    ``check_values=False`` skips the NaN/Inf check too: the serving path checks the filled slots instead
+    (one pass over the served dtype, which also catches values that overflow it); see :mod:`.slots`.
     """
     path = os.fspath(path)
     file = find_weights_file(name, path)
@@ -457,7 +564,7 @@ def read_adapter_tensors(name: str, path: str | os.PathLike, headers_only: bool 
                                "base weights (modules_to_save?).", adapter=name, file=file,
                                fix="merge this adapter into the base model and serve the merge.")
         module, half = parts[0], parts[1]
-        _check_tensor(name, file, key, module, tensor)
+        _check_tensor(name, file, key, module, tensor, check_values)
         halves.setdefault(module, {})[half] = (key, tensor)
     if not halves:
         raise AdapterError(f"holds no lora_A/lora_B tensors (only {len(base_copies)} full weight(s)), so it would "

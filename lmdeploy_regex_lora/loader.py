@@ -84,7 +84,8 @@ def _skipped_placeholder(name: str, adapter_id: int, path: str, err: AdapterErro
 
 
 def _resolve(model: torch.nn.Module, paths: dict[str, str], skipped: dict[str, AdapterError],
-             collect: bool) -> tuple[LoadPlan, list, dict]:
+             collect: bool, check_values: bool = True) -> tuple[LoadPlan, list, dict]:
+    """``check_values=False`` when the caller installs the slots, which checks NaN/Inf on the filled slots."""
     model_map = ModelMap(model)
     resolved: list[ResolvedAdapter] = []
     for adapter_id, name in enumerate(sorted(paths), start=1):
@@ -92,7 +93,7 @@ def _resolve(model: torch.nn.Module, paths: dict[str, str], skipped: dict[str, A
         if name not in skipped:
             try:
                 cfg = read_adapter_config(name, path)
-                tensors = read_adapter_tensors(name, path)
+                tensors = read_adapter_tensors(name, path, check_values=check_values)
                 resolved.append(resolve_adapter(cfg, tensors, adapter_id, model_map))
                 continue
             except Exception as exc:
@@ -237,7 +238,7 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
     ids = {name: i for i, name in enumerate(sorted(paths), start=1)}
     while True:
         try:
-            plan, resolved, layouts = _resolve(model, paths, skipped, collect=skip)
+            plan, resolved, layouts = _resolve(model, paths, skipped, collect=skip, check_values=False)
             _install(model, plan, resolved, layouts, dtype, torch.device(device))
             break
         except AdapterError as err:

@@ -1,7 +1,7 @@
 """Installing LoRA slots on LMDeploy's linears from a resolved plan.
 
-Every slot is built and filled off the model first; only when all of them are ready are they
-attached, so a failure leaves the model exactly as it was. Buffers start at zero: a row range no
+Every slot is built and filled off the model first; only when all of them are ready (and hold no
+NaN or Inf) are they attached, so a failure leaves the model exactly as it was. Buffers start at zero: a row range no
 adapter owns stays zero, and adapter id 0 (no adapter) has rank 0 everywhere.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .adapter_weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, all_finite
 from .errors import AdapterError
 from .model_map import FOLDED, LM_HEAD
 from .plan import FoldPlan, ResolvedAdapter, SlotPlan
@@ -147,8 +148,9 @@ def install_slots(
             if mplan.serving == FOLDED:
                 continue
             try:
-                a = pair.a.to(device=device, dtype=dtype)
-                b = pair.b.to(device=device, dtype=dtype)
+                # Device only: ``copy_`` into the slot converts to its dtype, a second pass would not help.
+                a = pair.a.to(device=device)
+                b = pair.b.to(device=device)
                 layout = interleaved.get(site_name)
                 if layout is not None:
                     b = deinterleave_qkv_rows(b, *layout)
@@ -162,6 +164,7 @@ def install_slots(
                                    adapter=ra.plan.name, file=ra.plan.weights_file, module=mplan.hf_name,
                                    fix="this is a bug in lmdeploy-regex-lora; please report it with the "
                                        "adapter_config.json.") from exc
+    _refuse_non_finite(slots, staged, resolved, dtype)
     folded = _stage_folds(modules, folds, resolved)
     if any(s.serving == LM_HEAD for s in slots):
         from .lm_head import install_step_recorder
@@ -182,6 +185,51 @@ def install_slots(
         for mod, key in attached:
             del mod.lora_adapters[key]
         raise
+
+
+def _refuse_non_finite(slots: list[SlotPlan], staged: dict, resolved: list[ResolvedAdapter],
+                       dtype: torch.dtype) -> None:
+    """Refuse NaN or Inf in what will be served, naming the adapter, file, module and tensor; nothing is attached yet.
+
+    The filled slots are checked, in the served dtype: one pass over half the bytes of the float32
+    file, and a float32 value too large for float16 (which the slot would hold as Inf) is caught too.
+    Folded layers never reach a slot, so their tensors are checked as read.
+    """
+    by_id = {ra.plan.adapter_id: ra for ra in resolved}
+    for slot in slots:
+        _mod, lora = staged[slot.hf_name]
+        if all_finite(lora.lora_A.data) and all_finite(lora.lora_B.data):
+            continue
+        info = lora.adapter_info
+        for aid, ra in sorted(by_id.items()):
+            entry = ra.by_site.get(slot.hf_name)
+            r, off = int(info.ranks[aid]), int(info.rank_offsets[aid])
+            if entry is None or r == 0:
+                continue
+            mplan, pair = entry
+            for rows, key, source in ((lora.lora_A.data[off:off + r], pair.a_key, pair.a),
+                                      (lora.lora_B.data[off:off + r], pair.b_key, pair.b)):
+                if not all_finite(rows):
+                    _raise_non_finite(ra, mplan.hf_name, key, source, dtype)
+    for ra in resolved:
+        for mplan, pair in ra.by_site.values():
+            if mplan.serving == FOLDED:
+                for key, source in ((pair.a_key, pair.a), (pair.b_key, pair.b)):
+                    if not all_finite(source):
+                        _raise_non_finite(ra, mplan.hf_name, key, source, dtype)
+
+
+def _raise_non_finite(ra: ResolvedAdapter, module: str, key: str, source: torch.Tensor, dtype: torch.dtype) -> None:
+    if all_finite(source):  # finite as saved: too large for the served dtype
+        biggest = float(source.detach().abs().max())
+        problem = (f"holds values up to {biggest:.6g}, beyond what {str(dtype).removeprefix('torch.')} can hold: "
+                   "served in that dtype they become Inf (NaN or Inf values in the LoRA slot).")
+        fix = ("serve in a dtype with a wider range (bfloat16 or float32), or use a checkpoint from before the "
+               "weights grew this large.")
+    else:
+        problem, fix = NON_FINITE_PROBLEM, NON_FINITE_FIX
+    raise AdapterError(f"tensor {key!r} {problem}", adapter=ra.plan.name, file=ra.plan.weights_file, module=module,
+                       fix=fix)
 
 
 def _stage_folds(modules: dict, folds: list[FoldPlan], resolved: list[ResolvedAdapter]) -> list:
