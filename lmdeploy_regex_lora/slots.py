@@ -196,9 +196,10 @@ def _refuse_non_finite(slots: list[SlotPlan], staged: dict, resolved: list[Resol
     Folded layers never reach a slot, so their tensors are checked as read.
     """
     by_id = {ra.plan.adapter_id: ra for ra in resolved}
-    for slot in slots:
-        _mod, lora = staged[slot.hf_name]
-        if all_finite(lora.lora_A.data) and all_finite(lora.lora_B.data):
+    loras = [staged[slot.hf_name][1] for slot in slots]
+    clean = all_finite(*(t for lora in loras for t in (lora.lora_A.data, lora.lora_B.data)))
+    for slot, lora in zip(slots, loras, strict=True) if not clean else ():  # one check; then find which
+        if all_finite(lora.lora_A.data, lora.lora_B.data):
             continue
         info = lora.adapter_info
         for aid, ra in sorted(by_id.items()):
