@@ -29,7 +29,9 @@ COMMANDS = {
     "python -c pass": ["-c", "pass"],
     'python -c "import lmdeploy"': ["-c", "import lmdeploy"],
 }
-OUR_MODULES = ("lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap", "__future__")
+# The top-level start-up module the .pth imports now, and what it imported before (package, _bootstrap, __future__).
+BOOT_MODULE = "lmdeploy_regex_lora_boot"
+OUR_MODULES = (BOOT_MODULE, "lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap", "__future__")
 ENV = common.child_env(PYTHONDONTWRITEBYTECODE="1")
 
 
@@ -37,15 +39,17 @@ def strip_plugin(python: pathlib.Path) -> None:
     """Take our .pth, package and dist-info out of an overlay: what is left is the same venv without us."""
     own = site_packages(python)
     (own / PTH_NAME).unlink()
+    (own / f"{BOOT_MODULE}.py").unlink(missing_ok=True)
     shutil.rmtree(own / "lmdeploy_regex_lora")
     for info in own.glob("lmdeploy_regex_lora-*.dist-info"):
         shutil.rmtree(info)
 
 
 def compile_plugin(python: pathlib.Path) -> None:
-    """Write our package's bytecode, as ``pip install`` does unless told ``--no-compile``."""
-    subprocess.run([str(python), "-m", "compileall", "-q", str(site_packages(python) / "lmdeploy_regex_lora")],
-                   check=True)
+    """Write our package's and start-up module's bytecode, as ``pip install`` does unless told ``--no-compile``."""
+    own = site_packages(python)
+    targets = [own / "lmdeploy_regex_lora", *[p for p in [own / f"{BOOT_MODULE}.py"] if p.exists()]]
+    subprocess.run([str(python), "-m", "compileall", "-q", *map(str, targets)], check=True)
 
 
 def pth_import_cost(python: pathlib.Path, cwd: pathlib.Path, reps: int) -> tuple[float, float]:
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n-X importtime, median of 30 runs each:")
         for name, py in list(pythons.items())[1:]:
             mine, total = pth_import_cost(py, cwd, reps=30)
-            print(f"  {name}: our start-up modules (lmdeploy_regex_lora, _bootstrap, __future__) "
+            print(f"  {name}: our start-up modules ({', '.join(OUR_MODULES)}) "
                   f"{mine * 1e6:.0f} us of {total * 1e3:.1f} ms for all start-up imports")
     return 0
 

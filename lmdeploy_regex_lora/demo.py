@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 # Set before this module imports the plugin's hook: True only when the installed .pth activated it.
-_PTH_ACTIVE = "lmdeploy_regex_lora._bootstrap" in sys.modules
+_PTH_ACTIVE = "lmdeploy_regex_lora_boot" in sys.modules
 
 # Two adapters an InternVL2-8B user gets from ms-swift's defaults (swift-adapters.md §1). The first is
 # v3.0.3-v3.2.x's (prefix + negative look-ahead, which also matches norms and the embedding: only linear

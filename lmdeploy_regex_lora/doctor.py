@@ -39,7 +39,7 @@ PROBE_TIMEOUT_S = 300
 # Runs in the fresh interpreter. Reads sys.modules first: the .pth must have run before anything here.
 PROBE = r'''
 import json, sys
-out = {"pth_ran": "lmdeploy_regex_lora._bootstrap" in sys.modules, "lmdeploy_error": None}
+out = {"pth_ran": "lmdeploy_regex_lora_boot" in sys.modules, "lmdeploy_error": None}
 try:
     import lmdeploy.pytorch.models.patch as patch
 except Exception as exc:

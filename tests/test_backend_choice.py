@@ -57,7 +57,7 @@ def ours(record: dict) -> list[str]:
 
 
 def test_active_from_the_wheel_alone(results):
-    assert results["state"] == {"preloaded": ["lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap"],
+    assert results["state"] == {"preloaded": ["lmdeploy_regex_lora_boot"],
                                 "serve_wrapped": True, "chat_wrapped": True, "installed": True}
 
 

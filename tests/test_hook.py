@@ -143,7 +143,7 @@ def assert_wrapped(result: dict[str, Any], overlay: Path) -> None:
     assert result["patch_loader"] == result["patch_spec_loader"] == "SourceFileLoader"
     # the package came from the installed wheel, and user code never imported it
     assert result["package_file"].startswith(str(overlay.parent.parent)), result["package_file"]
-    assert result["preloaded"] == ["lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap"]
+    assert result["preloaded"] == ["lmdeploy_regex_lora_boot"]
 
 
 # --------------------------------------------------------------------------- the wheel itself
@@ -159,7 +159,8 @@ def test_wheel_ships_pth_at_root_and_entry_point(wheel: Path) -> None:
         assert zf.read(PTH_NAME).decode() == (ROOT / PTH_NAME).read_text()
         entry_points = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
         record = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/RECORD"))
-    assert "lmdeploy_regex_lora/_bootstrap.py" in names and "lmdeploy_regex_lora/hook.py" in names
+    # the start-up module sits at the root, outside the package
+    assert "lmdeploy_regex_lora_boot.py" in names and "lmdeploy_regex_lora/hook.py" in names
     assert "[lmdeploy.plugins]" in entry_points
     assert "regex_lora = lmdeploy_regex_lora:install" in entry_points
     assert any(line.startswith(PTH_NAME + ",") for line in record.splitlines())  # uninstall removes it
@@ -169,7 +170,7 @@ def test_wheel_ships_pth_at_root_and_entry_point(wheel: Path) -> None:
 
 
 def test_pth_startup_is_cheap(overlay_python: Path, wheel: Path, probe_dir: Path, tmp_path: Path) -> None:
-    """Start-up adds only our two tiny modules: no torch, lmdeploy, wrapt, logging, typing."""
+    """Start-up adds only our one tiny top-level module: no package, __future__, torch, lmdeploy, logging, typing."""
     baseline = make_overlay_venv(tmp_path, wheel)  # same overlay, then take our files back out
     own = site_packages(baseline)
     (own / PTH_NAME).unlink()
@@ -182,9 +183,7 @@ def test_pth_startup_is_cheap(overlay_python: Path, wheel: Path, probe_dir: Path
 
     with_plugin, out = modules(overlay_python)
     without, _ = modules(baseline)
-    # __future__ (a few hundred bytes of stdlib) comes with ``from __future__ import annotations``
-    assert with_plugin - without <= {"lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap", "__future__"}
-    assert {"lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap"} <= with_plugin
+    assert with_plugin - without == {"lmdeploy_regex_lora_boot"}
     for heavy in ("torch", "lmdeploy", "wrapt", "packaging", "logging", "typing", "importlib.metadata"):
         assert heavy not in with_plugin, f"{heavy} imported at start-up"
     assert "PostImportFinder" in out

@@ -44,7 +44,7 @@ INSTALLED = importlib.metadata.version("lmdeploy")  # the dev venv's release (0.
 # 0.14.0: before 0.15.0, where LMDeploy's own InternVL LoRA fallback was broken.
 DEFAULT_VERSIONS = ("0.12.1", "0.14.0", "0.17.0")
 OUT_OF_RANGE = "0.12.0"  # imports with transformers 5 but cannot build Qwen2 there; the plugin stands aside
-STARTUP_ONLY = ["lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap"]
+STARTUP_ONLY = ["lmdeploy_regex_lora_boot"]  # the .pth imports this module alone, no package
 KERNEL_TOL = 2e-5
 QWEN_LEAVES = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
