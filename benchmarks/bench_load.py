@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             med = common.median(values)
             rows.append([name, metric, common.fmt_seconds(med),
                          f"{common.fmt_seconds(q1)} - {common.fmt_seconds(q3)}", f"{med / ref:.2f}x"])
+    for name, runs in results.items():  # every run, in order: shows a noisy phase hitting all contenders
+        print(f"{name}: cpu " + " ".join(f"{r['cpu'] * 1000:.0f}" for r in runs) + " ms")
     print(f"\n{args.reps} interleaved runs each (after one warm-up), add_adapters only; cpu = process CPU time "
           "(all threads), less sensitive to other work on the machine than wall time:\n")
     print(common.table(rows, ["loader", "time", "median", "IQR", "vs LMDeploy"]))
