@@ -418,7 +418,7 @@ def test_image_packages_and_carried_wheels_suffice_for_lmdeploy(pure_wheels, tmp
     code = textwrap.dedent(f"""
         import site, sys
         site.addsitedir({str(site)!r})
-        sys.path.insert(0, {str(ROOT)!r})
+        sys.path.append({str(ROOT)!r})  # for `benchmarks`; after the site dir, so our wheel's package wins
         import importlib.metadata as m, importlib.util
         import lmdeploy
         assert lmdeploy.__file__.startswith({str(site)!r}), lmdeploy.__file__
