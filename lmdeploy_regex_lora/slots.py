@@ -1,8 +1,9 @@
 """Installing LoRA slots on LMDeploy's linears from a resolved plan.
 
 Every slot is built and filled off the model first; only when all of them are ready (and hold no
-NaN or Inf) are they attached, so a failure leaves the model exactly as it was. Buffers start at zero: a row range no
-adapter owns stays zero, and adapter id 0 (no adapter) has rank 0 everywhere.
+NaN or Inf) are they attached. If attaching fails part way, the one caller (``loader._install``) puts
+the model back from its snapshot of slots, folded weights and step context. Buffers start at zero: a
+row range no adapter owns stays zero, and adapter id 0 (no adapter) has rank 0 everywhere.
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ def install_slots(
     device: torch.device,
     folds: list[FoldPlan] = (),
 ) -> None:
-    """Create and fill every slot and folded weight off the model, then attach; on any error nothing changes."""
+    """Create and fill every slot and folded weight off the model, then attach them.
+
+    Errors before attaching leave the model untouched; the caller's snapshot undoes a partial attach.
+    """
     modules = dict(model.named_modules())
     for slot in slots:
         existing = modules[slot.lmdeploy_module].lora_adapters
@@ -170,21 +174,11 @@ def install_slots(
         from .lm_head import install_step_recorder
 
         install_step_recorder(model.ctx_mgr)
-    attached, originals = [], []
-    try:
-        for slot in slots:
-            mod, lora = staged[slot.hf_name]
-            mod.lora_adapters[slot.slot] = lora
-            attached.append((mod, slot.slot))
-        for weight, new in folded:
-            originals.append((weight, weight.detach().clone()))
-            weight.data.copy_(new)
-    except BaseException:
-        for weight, old in originals:
-            weight.data.copy_(old)
-        for mod, key in attached:
-            del mod.lora_adapters[key]
-        raise
+    for slot in slots:
+        mod, lora = staged[slot.hf_name]
+        mod.lora_adapters[slot.slot] = lora
+    for weight, new in folded:
+        weight.data.copy_(new)
 
 
 def _refuse_non_finite(slots: list[SlotPlan], staged: dict, resolved: list[ResolvedAdapter],
