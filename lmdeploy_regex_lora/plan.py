@@ -240,7 +240,8 @@ def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[Fo
     conflicts = []
     for site_name, ras in sorted(owners.items()):
         first_m, first_p = ras[0].by_site[site_name]
-        reference = first_m.scaling * (first_p.b.double() @ first_p.a.double())
+        # Only several owners need the deltas compared; slots._stage_folds computes the one it folds.
+        reference = first_m.scaling * (first_p.b.double() @ first_p.a.double()) if len(ras) > 1 else None
         for other in ras[1:]:
             m, p = other.by_site[site_name]
             if not torch.equal(m.scaling * (p.b.double() @ p.a.double()), reference):
