@@ -2,8 +2,10 @@
 
 Every slot is built and filled off the model first; only when all of them are ready (and hold no
 NaN or Inf) are they attached. If attaching fails part way, the one caller (``loader._install``) puts
-the model back from its snapshot of slots, folded weights and step context. Buffers start at zero: a
-row range no adapter owns stays zero, and adapter id 0 (no adapter) has rank 0 everywhere.
+the model back from its snapshot of slots, folded weights and step context. A slot holds exactly the
+rows of the adapters that target its layer (adapter id 0, no adapter, has rank 0 everywhere), so every
+row is written by one adapter's copy; buffers are therefore allocated uninitialised, and any row range
+that no copy reached is zeroed before the slot is checked and attached (see :func:`_zero_unplaced`).
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
     ranks = torch.tensor(slot.ranks, dtype=torch.long, device=device)
     scalings = torch.tensor(slot.scalings, dtype=torch.float32, device=device)
     sum_rank = int(sum(slot.ranks))
-    lora_a = torch.zeros((sum_rank, mod.in_features), dtype=dtype, device=device)
-    lora_b = torch.zeros((sum_rank, slot.base_slice[1] - slot.base_slice[0]), dtype=dtype, device=device)
+    # Uninitialised: every row is an adapter's (written by _place) or zeroed by _zero_unplaced.
+    lora_a = torch.empty((sum_rank, mod.in_features), dtype=dtype, device=device)
+    lora_b = torch.empty((sum_rank, slot.base_slice[1] - slot.base_slice[0]), dtype=dtype, device=device)
     packed = slot.slot != slot.lmdeploy_module.rsplit(".", 1)[-1]
     lora = (RowLoRA if slot.serving == LM_HEAD else LoRA)(
         mod.in_features,
@@ -146,6 +149,7 @@ def install_slots(
     staged = {}
     for slot in slots:
         staged[slot.hf_name] = _build_slot(model, modules, slot, dtype, device)
+    placed: set[tuple[str, int]] = set()
     for ra in resolved:
         aid = ra.plan.adapter_id
         for site_name, (mplan, pair) in ra.by_site.items():
@@ -161,6 +165,7 @@ def install_slots(
                 mod, lora = staged[site_name]
                 cols = lora.adapter_info.base_slice
                 _place(lora, aid, *shard_lora(mod, (cols.start, cols.stop), a, b))
+                placed.add((site_name, aid))
             except AdapterError:
                 raise
             except Exception as exc:
@@ -168,6 +173,7 @@ def install_slots(
                                    adapter=ra.plan.name, file=ra.plan.weights_file, module=mplan.hf_name,
                                    fix="this is a bug in lmdeploy-regex-lora; please report it with the "
                                        "adapter_config.json.") from exc
+    _zero_unplaced(slots, staged, placed)
     _refuse_non_finite(slots, staged, resolved, dtype)
     folded = _stage_folds(modules, folds, resolved)
     if any(s.serving == LM_HEAD for s in slots):
@@ -179,6 +185,22 @@ def install_slots(
         mod.lora_adapters[slot.slot] = lora
     for weight, new in folded:
         weight.data.copy_(new)
+
+
+def _zero_unplaced(slots: list[SlotPlan], staged: dict, placed: set[tuple[str, int]]) -> None:
+    """Zero the rows of any adapter whose copy did not reach a slot, so no slot ever serves uninitialised memory.
+
+    The plan gives an adapter rows in a slot only when it has tensors for that layer, so this finds
+    nothing today; it is the guarantee that keeps ``torch.empty`` safe if that ever changes.
+    """
+    for slot in slots:
+        lora = staged[slot.hf_name][1]
+        info = lora.adapter_info
+        for aid, rank in enumerate(slot.ranks):
+            if rank and (slot.hf_name, aid) not in placed:
+                off = int(info.rank_offsets[aid])
+                lora.lora_A.data[off:off + rank].zero_()
+                lora.lora_B.data[off:off + rank].zero_()
 
 
 def _refuse_non_finite(slots: list[SlotPlan], staged: dict, resolved: list[ResolvedAdapter],
@@ -206,6 +228,10 @@ def _refuse_non_finite(slots: list[SlotPlan], staged: dict, resolved: list[Resol
                                       (lora.lora_B.data[off:off + r], pair.b_key, pair.b)):
                 if not all_finite(rows):
                     _raise_non_finite(ra, mplan.hf_name, key, source, dtype)
+        # No adapter's rows explain it: never attach a slot that would serve NaN or Inf.
+        raise AdapterError("its LoRA slot holds NaN or Inf in rows no adapter tensor was copied to.",
+                           module=slot.hf_name, fix="this is a bug in lmdeploy-regex-lora; please report it with "
+                                                   "the adapters' adapter_config.json files.")
     for ra in resolved:
         for mplan, pair in ra.by_site.values():
             if mplan.serving == FOLDED:
