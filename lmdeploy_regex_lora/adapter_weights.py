@@ -17,16 +17,19 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import pickletools
 import stat
 import sys
 import zipfile
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import AdapterError, printable
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: read_adapter_specs (merge) never needs it
+    import torch
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -42,9 +45,9 @@ _SAFETENSORS_ITEMSIZE = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "C64": 8,
 }
 
-# Floating point safetensors dtypes (a LoRA weight is never anything else) -> torch, for headers_only.
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+#: Floating point safetensors dtypes (a LoRA weight is never anything else) -> torch dtype names.
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 # What torch.save writes for a dict of tensors; anything else in a pickle could run code.
 _PICKLE_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
@@ -69,6 +72,23 @@ class LoraPair:
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as the safetensors header describes it, without torch: what planning needs, and where the
+    bytes are. ``merge`` plans from these and reads the values itself, so it never imports torch."""
+
+    dtype: str  # safetensors code: F32, BF16, ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -178,6 +198,8 @@ def map_regular_file(name: str, file: str, *, what: str) -> torch.Tensor:
     LMDeploy's loader, and the slots are checked for NaN/Inf after they are filled.
     """
     import mmap
+
+    import torch
 
     fd, size = _open_regular(name, file, what=what)
     try:
@@ -307,6 +329,8 @@ def check_safetensors_header(name: str, file: str, data: bytes) -> dict:
 
 def _tensor_dtypes() -> dict[str, torch.dtype]:
     """Every safetensors dtype this torch has, so that a non-float tensor is refused by its dtype name."""
+    import torch
+
     names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
              "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
              "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
@@ -339,27 +363,39 @@ def _load_safetensors(name: str, file: str, raw: torch.Tensor) -> dict[str, torc
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise unreadable("__metadata__ must map names to strings")
     dtypes = _tensor_dtypes()
+    base = 8 + int.from_bytes(bytes(data[:8]), "little")
+    out: dict[str, torch.Tensor] = {}
+    for key, info in _laid_out(name, file, header, len(data) - base, dtypes):
+        start, end = info["data_offsets"]
+        dtype = dtypes[info["dtype"]]
+        flat = raw[base + start:base + end]
+        if (base + start) % dtype.itemsize:  # a view must be aligned to its element size
+            flat = flat.clone()
+        out[key] = flat.view(dtype).reshape(info["shape"])
+    return out
+
+
+def _laid_out(name: str, file: str, header: dict, data_len: int, known: object) -> list[tuple[str, dict]]:
+    """The entries in file order, refusing what the safetensors library refuses: unknown dtypes (not in
+    ``known``), gaps or overlaps between tensors, bytes left over."""
+    def unreadable(reason: str) -> AdapterError:
+        return AdapterError(f"cannot be read as safetensors ({reason}).", adapter=name, file=file,
+                            fix="the upload or copy is probably incomplete or damaged; copy the file again.")
+
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                      key=lambda kv: tuple(kv[1]["data_offsets"]))
-    base = 8 + int.from_bytes(bytes(data[:8]), "little")
     expected = 0
-    out: dict[str, torch.Tensor] = {}
     for key, info in entries:
-        dtype = dtypes.get(info["dtype"])
-        if dtype is None:
+        if info["dtype"] not in known:
             raise unreadable(f"tensor {key!r} has the unknown dtype {info['dtype']!r}")
         start, end = info["data_offsets"]
         if start != expected:
             raise unreadable(f"tensor {key!r} starts at byte {start} of the data section, the previous tensor ends "
                              f"at {expected} (tensors must follow each other without gap or overlap)")
         expected = end
-        flat = raw[base + start:base + end]
-        if (base + start) % dtype.itemsize:  # a view must be aligned to its element size
-            flat = flat.clone()
-        out[key] = flat.view(dtype).reshape(info["shape"])
-    if expected != len(data) - base:
-        raise unreadable(f"the tensors end at byte {expected} of a {len(data) - base}-byte data section")
-    return out
+    if expected != data_len:
+        raise unreadable(f"the tensors end at byte {expected} of a {data_len}-byte data section")
+    return entries
 
 
 # -- pickle (.bin) ----------------------------------------------------------------------------------------
@@ -368,6 +404,8 @@ def _allowed_global(module: str, qualname: str) -> bool:
     if (module, qualname) in _PICKLE_GLOBALS:
         return True
     # torch.FloatStorage, torch.BFloat16Storage, ... and dtype objects (torch.float32).
+    import torch
+
     return module == "torch" and qualname.isidentifier() and (
         qualname.endswith("Storage") or isinstance(getattr(torch, qualname, None), torch.dtype))
 
@@ -394,6 +432,8 @@ def scan_pickle(name: str, file: str, payload: bytes) -> None:
 
 
 def _load_bin(name: str, file: str, data: bytes) -> dict[str, torch.Tensor]:
+    import torch
+
     stream = io.BytesIO(data)
     if not zipfile.is_zipfile(stream):
         raise AdapterError("is not a PyTorch zip archive (what torch.save writes since PyTorch 1.6); raw and legacy "
@@ -426,8 +466,8 @@ def _load_bin(name: str, file: str, data: bytes) -> dict[str, torch.Tensor]:
                            fix="convert it to adapter_model.safetensors from a trusted environment.") from None
 
 
-def _load_headers(name: str, file: str) -> dict[str, torch.Tensor]:
-    """``meta`` tensors (dtype and shape) from a safetensors header; no tensor data is read.
+def _read_header(name: str, file: str) -> tuple[dict, int, int]:
+    """The checked safetensors header, where its data section starts and the file's size; no tensor data is read.
 
     The file is mapped, not read: :func:`check_safetensors_header` slices only the length field and
     the header out of the mapping, so only those pages are ever touched.
@@ -454,21 +494,43 @@ def _load_headers(name: str, file: str) -> dict[str, torch.Tensor]:
         else:
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
                 header = check_safetensors_header(name, file, view)  # type: ignore[arg-type]
+                start = 8 + int.from_bytes(view[:8], "little")
     finally:
         os.close(fd)
-    out: dict[str, torch.Tensor] = {}
+    return header, start, st.st_size
+
+
+def _float_entries(name: str, file: str, header: dict):
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
+        if info["dtype"] not in FLOAT_DTYPES:
             raise AdapterError(f"tensor {key!r} has dtype {info['dtype']}, not a floating point type.",
                                adapter=name, file=file, field=key, fix="save the adapter again with PEFT.")
-        out[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
-    return out
+        yield key, info
+
+
+def _load_headers(name: str, file: str) -> dict[str, torch.Tensor]:
+    """``meta`` tensors (dtype and shape) from a safetensors header; no tensor data is read."""
+    import torch
+
+    header, _, _ = _read_header(name, file)
+    return {key: torch.empty(info["shape"], dtype=getattr(torch, FLOAT_DTYPES[info["dtype"]]), device="meta")
+            for key, info in _float_entries(name, file, header)}
+
+
+def _load_specs(name: str, file: str) -> dict[str, TensorSpec]:
+    """:class:`TensorSpec` per tensor, after the same layout checks as a full read; torch is not imported."""
+    header, start, size = _read_header(name, file)
+    _laid_out(name, file, header, size - start, _SAFETENSORS_ITEMSIZE)
+    return {key: TensorSpec(info["dtype"], tuple(info["shape"]), start + info["data_offsets"][0],
+                            info["data_offsets"][1] - info["data_offsets"][0])
+            for key, info in _float_entries(name, file, header)}
 
 
 def _load_raw(name: str, file: str) -> dict[str, torch.Tensor]:
+    import torch
+
     if file.endswith(".safetensors"):
         raw = map_regular_file(name, file, what="weights file")
         tensors = _load_safetensors(name, file, raw)
@@ -497,22 +559,27 @@ def _refusal_for_key(key: str) -> str | None:
     return None
 
 
-def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Tensor, check_values: bool) -> None:
+def _check_tensor(name: str, file: str, key: str, module: str, tensor: torch.Tensor | TensorSpec,
+                  check_values: bool) -> None:
     def bad(problem: str, fix: str) -> AdapterError:
         return AdapterError(f"tensor {key!r} {problem}", adapter=name, file=file, module=module, fix=fix)
 
-    if tensor.layout != torch.strided:
-        raise bad(f"is a {tensor.layout} tensor; LoRA weights are dense.", "save the adapter again with PEFT.")
+    spec = isinstance(tensor, TensorSpec)
+    if not spec:
+        import torch
+
+        if tensor.layout != torch.strided:
+            raise bad(f"is a {tensor.layout} tensor; LoRA weights are dense.", "save the adapter again with PEFT.")
     if tensor.dim() != 2:
         raise bad(f"has shape {tuple(tensor.shape)}; a LoRA weight of a linear layer is 2-D.",
                   "only LoRA on linear layers can be served; merge the adapter instead.")
-    if not torch.is_floating_point(tensor):
+    if not (tensor.dtype in FLOAT_DTYPES if spec else tensor.is_floating_point()):
         raise bad(f"has dtype {tensor.dtype}, not a floating point type.",
                   "save the adapter again; quantized or integer LoRA weights cannot be served.")
     if tensor.numel() == 0:
         raise bad(f"is empty (shape {tuple(tensor.shape)}): rank 0 or a zero-size layer.",
                   "the weights file is damaged or was saved before training; save the adapter again.")
-    if tensor.is_meta or not check_values:  # headers_only: no values; or the caller checks what it serves
+    if spec or tensor.is_meta or not check_values:  # headers only: no values; or the caller checks what it serves
         return
     if not all_finite(tensor):
         raise bad(NON_FINITE_PROBLEM, NON_FINITE_FIX)
@@ -531,6 +598,8 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     a bool tensor as large as the input first (about 5x slower on CPU). The 8-bit float types have no
     kernel for it; their float32 copy keeps NaN and Inf.
     """
+    import torch
+
     extremes = [torch.stack(torch.aminmax(t if t.element_size() >= 2 else t.float())).float()
                 for t in tensors if t.numel()]
     return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
@@ -548,6 +617,24 @@ def read_adapter_tensors(name: str, path: str | os.PathLike, headers_only: bool 
     path = os.fspath(path)
     file = find_weights_file(name, path)
     raw = _load_headers(name, file) if headers_only else _load_raw(name, file)
+    return _pair(name, file, raw, check_values)
+
+
+def read_adapter_specs(name: str, path: str | os.PathLike) -> AdapterTensors | None:
+    """The adapter's pairs as :class:`TensorSpec` (header only, no torch), or None for a ``.bin`` adapter.
+
+    Every check of :func:`read_adapter_tensors` but the values' (there are none yet): the caller
+    reads the bytes at each spec's offset and checks them itself (``merge``).
+    """
+    path = os.fspath(path)
+    file = find_weights_file(name, path)
+    if not file.endswith(".safetensors"):
+        return None
+    return _pair(name, file, _load_specs(name, file), check_values=False)
+
+
+def _pair(name: str, file: str, raw: dict, check_values: bool) -> AdapterTensors:
+    """Pair every ``lora_A``/``lora_B`` of ``raw`` (tensors or specs) by module; refuse anything else."""
     if not raw:
         raise AdapterError("holds no tensors.", adapter=name, file=file, fix="save the adapter again.")
 

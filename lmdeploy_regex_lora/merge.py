@@ -2,20 +2,25 @@
 
 For engines without LoRA (LMDeploy's TurboMind, and any other), and for layers no engine can serve
 LoRA on per request. The merged weights are ``W + scaling * B @ A`` in the checkpoint's own (Hugging
-Face) layout, computed in float32 (float64 for float64 weights) and rounded once to the shard's dtype,
-which is PEFT's ``merge_and_unload`` order. Which modules, with which scaling, and under which
-checkpoint names is decided exactly as serving decides it: :func:`~lmdeploy_regex_lora.plan.resolve_adapter`
-on LMDeploy's module tree for the base model, built on the ``meta`` device.
+Face) layout, computed in float64 and rounded once to the nearest value of the shard's dtype
+(:mod:`.rounding`): the same on every machine, and within one unit in the last place of PEFT's
+``merge_and_unload``, whose float32 product depends on the BLAS. Which modules, with which scaling, and
+under which checkpoint names is decided by the serving path's own config reader, matcher, naming
+schemes and checks (:func:`~lmdeploy_regex_lora.plan.resolve_adapter`), run on the checkpoint's
+weights as its safetensors headers list them (:class:`~lmdeploy_regex_lora.model_map.CheckpointMap`).
 
-Memory: a merged shard has the very header of its input shard (same names, dtypes, shapes and offsets),
-so the output is written as a stream: untouched tensors are byte ranges copied through one reused 4 MiB
-buffer, and a merged weight is read, merged and written a block of rows (4 MiB of float32) at a time in
-buffers allocated once per weight. Peak memory is the adapter plus about 30 MiB, whatever the shard size.
+Memory: neither torch nor LMDeploy is imported (importing torch's CUDA build alone takes ~690 MiB of
+RSS here; a ``.bin`` adapter still needs torch to be unpickled), the adapter is read one module at a
+time at its header offsets, and a merged shard has the very header of its input shard (same names,
+dtypes, shapes and offsets), so the output is written as a stream: untouched tensors are byte ranges
+copied through one reused 4 MiB buffer, and a merged weight is read, merged and written a block of
+rows (4 MiB of float64) at a time. Peak memory is a few tens of MiB, whatever the shard or adapter size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,17 +31,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from . import cli_common as cc
+from . import rounding
 from .errors import AdapterError
 
 DESCRIPTION = """\
 Write BASE with ADAPTER merged in (W + scaling * B @ A) to OUT, for TurboMind or any engine without LoRA.
 
 Safetensors in, safetensors out: the same shards, the same model.safetensors.index.json, every
-non-weight file (config, tokenizer, remote code) copied. Shards are streamed, so memory stays at
-about the adapter's size plus 30 MiB. Targets and scalings are resolved exactly as the plugin
-serves them (LMDeploy's module tree for BASE, built on the meta device); an adapter the plan
-refuses for its content is refused here too. Layers LMDeploy cannot serve LoRA on per request
-(vision tower, projector) are merged like any other: merging is the fix for those.
+non-weight file (config, tokenizer, remote code) copied. Shards and the adapter are streamed and
+neither torch nor LMDeploy is loaded, so memory stays at a few tens of MiB. Targets and scalings
+are resolved by the plugin's own matcher on BASE's weight names (PEFT's rules); an adapter the
+plugin refuses for its content is refused here too. Layers LMDeploy cannot serve LoRA on per
+request (vision tower, projector) are merged like any other: merging is the fix for those.
+Merged weights are W + scaling * B @ A computed in float64, rounded once to the shard's dtype.
 
 Exit status: 0 written; 2 an input cannot be used (message on stderr). OUT must not exist or be empty.
 """
@@ -49,7 +56,6 @@ MERGE_CHUNK = 4 << 20
 #: Files that hold (unmerged) weights in another format; copying them would ship the base model's weights.
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
 _SKIPPED_DIRS = {".git", ".cache"}
-_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +88,7 @@ def _open_regular(file: str, what: str) -> int:
         fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise AdapterError(f"the {what} cannot be opened ({exc.strerror or type(exc).__name__}).", file=file,
-                           fix="check that the base model folder is complete and readable.") from None
+                           fix="check that the folder is complete and the file readable.") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise AdapterError(f"the {what} is not a regular file.", file=file, fix="replace it with the real file.")
@@ -166,7 +172,6 @@ class MergeTarget:
     rank: int
     alpha: float
     scaling: float
-    serving: str  # how the plugin would serve it unmerged
 
 
 @dataclass
@@ -174,64 +179,80 @@ class MergePlan:
     base: str
     adapter: str
     adapter_path: str
+    weights_file: str
     naming: str
     shards: list[str]
     index: str | None
     targets: dict[str, MergeTarget]  # by checkpoint key
     headers: dict[str, ShardHeader] = field(repr=False, default_factory=dict)
-    pairs: dict = field(repr=False, default_factory=dict)  # checkpoint key -> LoraPair
+    pairs: dict = field(repr=False, default_factory=dict)  # checkpoint key -> LoraPair (specs or tensors)
+
+
+_LM_HEAD_LEAVES = ("lm_head", "output")
+
+
+def _ties_lm_head(base: str) -> bool | None:
+    """``tie_word_embeddings`` from config.json (top level, or a VLM's text/LLM config); None when unset."""
+    try:
+        with open(os.path.join(base, "config.json"), encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    for section in (cfg, cfg.get("text_config"), cfg.get("llm_config")):
+        if isinstance(section, dict) and isinstance(section.get("tie_word_embeddings"), bool):
+            return section["tie_word_embeddings"]
+    return None
 
 
 def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
-    """Resolve the adapter on LMDeploy's meta-built model for ``base`` and map it onto checkpoint keys."""
+    """Resolve the adapter on the checkpoint's own weights (headers only) and map it onto checkpoint keys.
+
+    The same config reader, matcher, naming schemes and checks as serving, on a
+    :class:`~lmdeploy_regex_lora.model_map.CheckpointMap`: neither LMDeploy nor torch is imported for
+    a safetensors adapter (a ``.bin`` adapter needs torch to be unpickled).
+    """
     from .adapter_config import read_adapter_config
-    from .adapter_weights import AdapterTensors, read_adapter_tensors
-    from .meta_model import meta_model_map, servable_everywhere
-    from .model_map import LM_HEAD, NAMING_SCHEMES
+    from .adapter_weights import AdapterTensors, read_adapter_specs, read_adapter_tensors
+    from .model_map import NAMING_SCHEMES, CheckpointMap, rename
     from .plan import resolve_adapter
 
     base = os.fspath(base)
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise AdapterError("is not a model folder (no config.json).", file=base,
+                           fix="pass the base model's local folder, not a Hub id.")
     shards, index = checkpoint_shards(base)
     cfg = read_adapter_config(name, adapter_path)
-    tensors = read_adapter_tensors(name, adapter_path)
-    model_map, model_cfg = meta_model_map(base)
-    bare = AdapterTensors(file=tensors.file, pairs=tensors.pairs, base_copies={})
-    # Merging folds every delta into the weights, so the per-request serving limits do not apply; every
-    # check of the adapter's content (naming, targets against tensors, ranks, shapes) does.
-    resolved = resolve_adapter(cfg, bare, 1, servable_everywhere(model_map))
-    rules = dict(NAMING_SCHEMES)[resolved.plan.naming]
-
+    tensors = read_adapter_specs(name, adapter_path) or read_adapter_tensors(name, adapter_path)
     headers = {s: read_shard_header(os.path.join(base, s)) for s in shards}
     where = {key: s for s, h in headers.items() for key in h.entries}
-    targets: dict[str, MergeTarget] = {}
-    pairs = {}
-    real_sites = model_map.sites
-    for site_name, (m, pair) in sorted(resolved.by_site.items()):
-        key = f"{site_name}.weight"
-        if key not in where:
-            raise AdapterError(f"the checkpoint has no tensor {key!r} for the adapter's module {m.hf_name!r} "
-                               "(LMDeploy derives this layer from other tensors, or ties it to the embedding).",
-                               adapter=name, file=base, module=m.hf_name,
-                               fix="merge with PEFT on the transformers model instead, or serve the adapter "
-                                   "unmerged with the plugin.")
-        info = headers[where[key]].entries[key]
-        if info["dtype"] not in _FLOAT_DTYPES:
-            raise AdapterError(f"checkpoint tensor {key!r} is {info['dtype']} (quantized?); a LoRA delta can only "
-                               "be merged into floating point weights.", adapter=name, file=base, module=m.hf_name,
-                               fix="merge into the unquantized base model, then quantize the merge.")
-        if list(info["shape"]) != [pair.b.shape[0], pair.a.shape[1]]:
-            raise AdapterError(f"checkpoint tensor {key!r} has shape {info['shape']}, but lora_B @ lora_A is "
-                               f"{[pair.b.shape[0], pair.a.shape[1]]}.", adapter=name, file=base, module=m.hf_name,
-                               fix="the adapter was trained on a different base model; merge it into that one.")
-        if real_sites[site_name].serving == LM_HEAD and model_cfg.tie_word_embeddings:
+    model_map = CheckpointMap({key: info["shape"] for h in headers.values() for key, info in h.entries.items()})
+    tied = _ties_lm_head(base)
+    for module in tensors.pairs:
+        if module.rsplit(".", 1)[-1] not in _LM_HEAD_LEAVES:
+            continue
+        present = any(rename(module, rules) in model_map.sites for _, rules in NAMING_SCHEMES)
+        if tied or (not present and tied is None):
             raise AdapterError("the LM head shares its weight with the input embedding (tie_word_embeddings), "
                                "so merging a LoRA on it would change the embedding too.", adapter=name, file=base,
-                               module=m.hf_name, fix="serve this adapter unmerged with the plugin.")
-        targets[key] = MergeTarget(key, m.hf_name, where[key], m.rank, m.alpha, m.scaling,
-                                   real_sites[site_name].serving)
+                               module=module, fix="serve this adapter unmerged with the plugin.")
+    bare = AdapterTensors(file=tensors.file, pairs=tensors.pairs, base_copies={})
+    # Every check of the adapter's content (naming, targets against tensors, ranks, shapes) is serving's.
+    resolved = resolve_adapter(cfg, bare, 1, model_map)
+    rules = dict(NAMING_SCHEMES)[resolved.plan.naming]
+
+    targets: dict[str, MergeTarget] = {}
+    pairs = {}
+    for site_name, (m, pair) in sorted(resolved.by_site.items()):
+        key = f"{site_name}.weight"
+        dtype = headers[where[key]].entries[key]["dtype"]
+        if dtype not in rounding.ITEMSIZE:
+            raise AdapterError(f"checkpoint tensor {key!r} is {dtype} (quantized?); a LoRA delta can only be merged "
+                               "into floating point weights.", adapter=name, file=base, module=m.hf_name,
+                               fix="merge into the unquantized base model, then quantize the merge.")
+        targets[key] = MergeTarget(key, m.hf_name, where[key], m.rank, m.alpha, m.scaling)
         pairs[key] = pair
     _check_base_copies(name, tensors, rules, headers, where)
-    return MergePlan(base=base, adapter=name, adapter_path=os.path.abspath(adapter_path),
+    return MergePlan(base=base, adapter=name, adapter_path=os.path.abspath(adapter_path), weights_file=tensors.file,
                      naming=resolved.plan.naming, shards=shards, index=index, targets=targets, headers=headers,
                      pairs=pairs)
 
@@ -239,17 +260,19 @@ def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
 def _check_base_copies(name: str, tensors, rules: tuple, headers: dict[str, ShardHeader], where: dict[str, str]
                        ) -> None:
     """Full weights saved beside the LoRA tensors must equal the checkpoint's (else the adapter changed them)."""
-    import torch
-
     from .model_map import rename
 
     for key, (module, tensor) in sorted(tensors.base_copies.items()):
         ck = f"{rename(module, rules)}.weight"
         same = False
         if ck in where:
-            base_tensor = _read_tensor(headers[where[ck]], ck)
-            same = tuple(base_tensor.shape) == tuple(tensor.shape) and torch.equal(
-                tensor.to(base_tensor.dtype), base_tensor)
+            header = headers[where[ck]]
+            info = header.entries[ck]
+            copy = _values(tensors.file, tensor, name, module, key)
+            if tuple(info["shape"]) == tuple(copy.shape) and info["dtype"] in rounding.ITEMSIZE:
+                start, end = info["data_offsets"]
+                base_bytes = _pread(header.file, header.data_start + start, end - start, "checkpoint shard")
+                same = rounding.encode(info["dtype"], copy.ravel()).tobytes() == base_bytes
         if not same:
             raise AdapterError(f"tensor {key!r} is a full weight that differs from the base checkpoint's {ck!r} "
                                "(a resized vocabulary or modules_to_save); a LoRA merge would drop it.",
@@ -257,34 +280,43 @@ def _check_base_copies(name: str, tensors, rules: tuple, headers: dict[str, Shar
                                fix="merge with PEFT on the transformers model (merge_and_unload), which applies it.")
 
 
-# -- streaming --------------------------------------------------------------------------------------------
+# -- values -----------------------------------------------------------------------------------------------
 
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def _torch_dtype(code: str):
-    import torch
-
-    return getattr(torch, _TORCH_DTYPES[code])
-
-
-def _read_tensor(header: ShardHeader, key: str):
-    """One tensor of a shard, read with ``pread`` (only its bytes)."""
-    import torch
-
-    info = header.entries[key]
-    start, end = info["data_offsets"]
-    fd = _open_regular(header.file, "checkpoint shard")
+def _pread(file: str, offset: int, length: int, what: str) -> bytes:
+    fd = _open_regular(file, what)
     try:
-        buf = bytearray(os.pread(fd, end - start, header.data_start + start))
+        data = os.pread(fd, length, offset)
     finally:
         os.close(fd)
-    if info["dtype"] not in _TORCH_DTYPES:
-        raise AdapterError(f"tensor {key!r} is {info['dtype']}, not a floating point weight.", file=header.file,
-                           fix="merge into the unquantized base model.")
-    return torch.frombuffer(buf, dtype=_torch_dtype(info["dtype"])).reshape(info["shape"]) if buf else \
-        torch.empty(info["shape"], dtype=_torch_dtype(info["dtype"]))
+    if len(data) != length:
+        raise AdapterError(f"the {what} ended early while it was read (it changed or is truncated).", file=file,
+                           fix="copy the file again.")
+    return data
 
+
+def _values(file: str, tensor, adapter: str, module: str, key: str):
+    """One adapter tensor as a float64 numpy array: read at its header offsets, or converted from torch
+    (a ``.bin`` adapter); NaN or Inf is refused, naming the tensor."""
+    import numpy as np
+
+    from .adapter_weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, TensorSpec
+
+    if isinstance(tensor, TensorSpec):
+        if tensor.dtype not in rounding.ITEMSIZE:
+            raise AdapterError(f"tensor {key!r} is {tensor.dtype}; merge reads F64, F32, F16 and BF16 LoRA weights.",
+                               adapter=adapter, file=file, module=module,
+                               fix="save the adapter in float32 or bfloat16, or serve it with the plugin.")
+        values = rounding.decode(tensor.dtype, _pread(file, tensor.offset, tensor.nbytes, "adapter weights file"))
+        values = values.reshape(tensor.shape)
+    else:
+        values = tensor.detach().to("cpu").double().numpy()
+    if not np.isfinite(values).all():
+        raise AdapterError(f"tensor {key!r} {NON_FINITE_PROBLEM}", adapter=adapter, file=file, module=module,
+                           fix=NON_FINITE_FIX)
+    return values
+
+
+# -- streaming --------------------------------------------------------------------------------------------
 
 def _read_exact(src, view: memoryview) -> None:
     got = 0
@@ -306,37 +338,40 @@ def _copy_range(src, dst, length: int, buf: memoryview, tick: Callable[[int], No
         tick(len(view))
 
 
-def _merge_rows(src, dst, info: dict, pair, scaling: float, tick: Callable[[int], None]) -> None:
-    """Write ``W + scaling * B @ A`` for one weight, a block of rows at a time, in the weight's dtype.
+def _merge_rows(src, dst, info: dict, a, b, scaling: float, where: tuple[str, str, str],
+                tick: Callable[[int], None]) -> None:
+    """Write ``W + scaling * B @ A`` for one weight, a block of rows at a time, rounded once to the weight's dtype.
 
-    The three block buffers are allocated once per weight and reused, so memory stays at about
-    :data:`MERGE_CHUNK` times 2.5 whatever the weight's size.
+    Computed in float64 (``a`` and ``b`` are float64 already), so the result is the nearest value of
+    the dtype to the exact sum, whatever BLAS the machine has. A value that overflows the dtype where
+    the base weight was finite is refused (``where``: adapter, file, module), never written as Inf.
     """
-    import torch
+    import numpy as np
 
-    dtype = _torch_dtype(info["dtype"])
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    code = info["dtype"]
     out_f, in_f = info["shape"]
-    itemsize = _FLOAT_DTYPES[info["dtype"]]
-    a = pair.a.to(work)
-    b = pair.b.to(work)
-    rows = max(1, min(out_f, MERGE_CHUNK // max(1, in_f * torch.finfo(work).bits // 8)))
-    raw = torch.empty(rows * in_f * itemsize, dtype=torch.uint8)  # W as read, then the merged rows
-    acc = torch.empty(rows, in_f, dtype=work)
-    base = torch.empty(rows, in_f, dtype=work)
-    raw_view = memoryview(raw.numpy()).cast("B")
+    itemsize = rounding.ITEMSIZE[code]
+    rows = max(1, min(out_f, MERGE_CHUNK // max(1, in_f * 8)))
+    raw = bytearray(rows * in_f * itemsize)
+    raw_view = memoryview(raw)
+    acc = np.empty((rows, in_f), dtype=np.float64)
     for r0 in range(0, out_f, rows):
         n = min(rows, out_f - r0)
         nbytes = n * in_f * itemsize
         _read_exact(src, raw_view[:nbytes])
-        w = raw[:nbytes].view(dtype).view(n, in_f)
-        # PEFT's order: delta = (B @ A) * scaling, then W + delta (computed as delta + W: IEEE addition
-        # commutes exactly), rounded once to the weight's dtype.
-        delta = torch.matmul(b[r0:r0 + n], a, out=acc[:n])
-        delta.mul_(scaling)
-        delta.add_(base[:n].copy_(w))
-        w.copy_(delta)  # rounds to the weight's dtype, in the read buffer
-        dst.write(raw_view[:nbytes])
+        w = rounding.decode(code, raw_view[:nbytes]).reshape(n, in_f)
+        block = np.matmul(b[r0:r0 + n], a, out=acc[:n])
+        block *= scaling
+        block += w
+        merged = rounding.encode(code, block)
+        finite = rounding.finite_encoded(code, merged)
+        if not finite.all() and np.isfinite(w[~finite]).any():
+            adapter, file, module = where
+            raise AdapterError(f"merged into {info.get('key', 'its weight')}, it gives values beyond what {code} "
+                               "can hold (the weight would hold Inf).", adapter=adapter, file=file, module=module,
+                               fix="merge into a checkpoint with a wider dtype (float32), or serve the adapter "
+                                   "unmerged with the plugin.")
+        dst.write(memoryview(merged).cast("B"))
         tick(nbytes)
 
 
@@ -352,8 +387,11 @@ def write_shard(plan: MergePlan, shard: str, out_file: str, tick: Callable[[int]
         pos = 0
         for start, key in targets:
             _copy_range(src, dst, start - pos, buf, tick)
-            info = header.entries[key]
-            _merge_rows(src, dst, info, plan.pairs[key], plan.targets[key].scaling, tick)
+            info = dict(header.entries[key], key=key)
+            target, pair = plan.targets[key], plan.pairs[key]
+            a = _values(plan.weights_file, pair.a, plan.adapter, target.module, pair.a_key)
+            b = _values(plan.weights_file, pair.b, plan.adapter, target.module, pair.b_key)
+            _merge_rows(src, dst, info, a, b, target.scaling, (plan.adapter, plan.weights_file, target.module), tick)
             pos = info["data_offsets"][1]
         _copy_range(src, dst, header.data_len - pos, buf, tick)
     return len(targets)
@@ -433,13 +471,15 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str, out: str | os.PathLi
     """Merge ``adapter`` into ``base`` and write the result to ``out``; returns a summary (the ``--json`` output).
 
     Everything is written under ``out/.lmdeploy-regex-lora-partial`` first and moved into ``out`` only
-    when complete, so an interrupted merge never leaves a folder that looks like a model.
+    when complete, so an interrupted merge never leaves a folder that looks like a model; a merge
+    refused part way (a value its dtype cannot hold) removes ``out`` again if it created it.
     """
     start = time.perf_counter()
     base, out = os.fspath(base), os.fspath(out)
     name = name or os.path.basename(os.path.normpath(adapter))
     _check_out(out, base)  # fail before planning; checked again when the folder is created
     plan = plan_merge(base, name, adapter)
+    created = not os.path.exists(out)
     staging = _prepare_out(out, base)
     total = sum(h.data_len + h.data_start for h in plan.headers.values())
     bar = _Progress(total, progress)
@@ -457,6 +497,9 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str, out: str | os.PathLi
         os.rmdir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a refusal found while streaming leaves no trace, like one found while planning
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
         raise
     finally:
         bar.close()
@@ -472,7 +515,7 @@ def render(summary: dict) -> str:
     lines = [f"merged adapter {summary['adapter']!r} ({summary['adapter_path']}) into {summary['base']}",
              f"  module names: {summary['naming']}"]
     rows = [{"name": m["module"], "rank": m["rank"], "alpha": m["alpha"], "scaling": m["scaling"],
-             "serving": m["serving"], "key": m["key"]} for m in summary["modules"]]
+             "key": m["key"]} for m in summary["modules"]]
     groups = cc.group_rows(rows, "name", ["rank", "alpha", "scaling"], ["key"])
     lines.append(cc.table(["MODULES", "N", "RANK", "ALPHA", "SCALING", "CHECKPOINT TENSOR"],
                           [[g.pattern, len(g.names), g.values["rank"], cc.fmt_num(g.values["alpha"]),

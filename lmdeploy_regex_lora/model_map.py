@@ -10,11 +10,14 @@ transformers (``model.language_model.*``) are translated by :data:`NAMING_SCHEME
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import AdapterError
+
+if TYPE_CHECKING:  # only ModelMap needs torch; CheckpointMap (merge) must not import it
+    import torch
 
 PER_REQUEST = "per-request"
 LM_HEAD = "lm-head"
@@ -124,6 +127,7 @@ class ModelMap:
     """Every linear layer of the served model, by Hugging Face (checkpoint) name."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        import torch
         from lmdeploy.pytorch.nn.linear.base import LinearBase
 
         self.model = model
@@ -230,3 +234,29 @@ class ModelMap:
             adapter=adapter, file=file, module=missing[0],
             fix="check that the adapter was trained on this base model; an adapter for another architecture or "
                 "size cannot be served on it.")
+
+
+class CheckpointMap(ModelMap):
+    """The linear layers of a checkpoint as its safetensors headers list them, for ``merge``.
+
+    A merge writes checkpoint tensors, so its sites are the checkpoint's own: every 2-D
+    ``<module>.weight`` (``merge`` refuses a quantized one by name) under the checkpoint's name,
+    with its full (out, in) shape, in the checkpoint's row order (InternLM2's interleaved ``wqkv``
+    included: the adapter was trained on that order). Naming schemes, matching and every check of
+    the adapter are :class:`ModelMap`'s; neither LMDeploy nor torch is needed, which keeps the
+    merging process small.
+    """
+
+    def __init__(self, weights: Mapping[str, list[int]]) -> None:  # no super().__init__: there is no model
+        self.model = None
+        self.modules = {}
+        self.sites = {}
+        for key, shape in weights.items():
+            if key.endswith(".weight") and len(shape) == 2:
+                name = key[: -len(".weight")]
+                self.sites[name] = Site(name, name, name.rsplit(".", 1)[-1], int(shape[1]), int(shape[0]),
+                                        (0, int(shape[0])), PER_REQUEST)
+
+    def base_weight(self, name: str) -> None:
+        """Base copies are compared by ``merge`` against the shard bytes themselves."""
+        return None

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from .adapter_config import AdapterConfig
 from .adapter_weights import AdapterTensors, LoraPair
 from .errors import AdapterError
@@ -213,6 +211,8 @@ def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, rules: tuple
         served = model_map.base_weight(rename(module, rules))
         same = False
         if served is not None:
+            import torch
+
             local = tensor
             if tuple(served.shape) != tuple(tensor.shape) and tensor.shape[0] % served.shape[0] == 0:
                 from lmdeploy.pytorch.distributed import get_tp_world_rank
@@ -238,6 +238,8 @@ def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[Fo
                 owners.setdefault(site_name, []).append(ra)
     folds = []
     conflicts = []
+    if owners:
+        import torch
     for site_name, ras in sorted(owners.items()):
         first_m, first_p = ras[0].by_site[site_name]
         # Only several owners need the deltas compared; slots._stage_folds computes the one it folds.

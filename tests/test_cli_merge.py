@@ -1,5 +1,6 @@
-"""``merge``: a sharded bfloat16 checkpoint in, the same layout out, equal to PEFT's merge and to what the
-plugin serves; bad inputs refused before anything is written; memory bounded by blocks, not shards.
+"""``merge``: a sharded bfloat16 checkpoint in, the same layout out, the exact merge rounded once (within
+one bfloat16 step of PEFT's merge) and equal to what the plugin serves; bad inputs refused before
+anything is written; memory bounded by blocks, not shards; neither torch nor LMDeploy imported.
 
 The base is a tiny InternLM2 (its ``wqkv`` rows are interleaved in the checkpoint, so a merge in the
 wrong layout would show) re-sharded into three bf16 files with an index. The reference is PEFT's own
@@ -67,20 +68,42 @@ def test_same_layout_and_files(case):
     assert {s["merged"] > 0 for s in summary["shards"]} == {True}  # targets live in every shard
 
 
-def test_equals_peft_merge(case, tmp_path):
+def _nearest(merged: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Where ``merged`` (bfloat16) is a nearest bfloat16 to ``exact`` (float64): no neighbour is closer."""
+    bits = merged.view(torch.int16)
+    dist = (exact - merged.double()).abs()
+    return torch.stack([dist <= (exact - (bits + step).view(torch.bfloat16).double()).abs()
+                        for step in (-1, 1)]).all(0)
+
+
+def test_equals_exact_merge_and_peft(case, tmp_path):
     base, adapter, proc, out = case
     assert proc.returncode == 0, describe(proc)
+    summary = json_out(proc)
     reference = read_all(merge_adapter_checkpoint(base, adapter, tmp_path / "peft"))
     merged, original = read_all(out), read_all(base)
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
     assert merged.keys() == original.keys() == reference.keys()
     changed = {k for k in original if not torch.equal(reference[k], original[k])}
-    assert changed == {m["key"] for m in json_out(proc)["modules"]} and len(changed) == 10
+    assert changed == {m["key"] for m in summary["modules"]} and len(changed) == 10
+    differ = total = 0
+    for m in summary["modules"]:
+        key, module = m["key"], m["module"]
+        a = lora[f"base_model.model.{module}.lora_A.weight"].double()
+        b = lora[f"base_model.model.{module}.lora_B.weight"].double()
+        exact = original[key].double() + m["scaling"] * (b @ a)
+        # The merge rounds W + scaling * B @ A once, to the nearest bfloat16 (checkpoint row order:
+        # InternLM2's wqkv stays interleaved, as the adapter was trained).
+        assert bool(_nearest(merged[key], exact).all()), key
+        # PEFT rounds B @ A to float32 first, in its BLAS's order: at most one bfloat16 step away.
+        steps = (merged[key].view(torch.int16).int() - reference[key].view(torch.int16).int()).abs()
+        assert int(steps.max()) <= 1, key
+        differ += int((steps > 0).sum())
+        total += steps.numel()
+    print(f"merged elements one bfloat16 step from PEFT's merge: {differ} of {total}")
     for key, tensor in merged.items():
         assert tensor.dtype == original[key].dtype == torch.bfloat16
-        # Untouched tensors are copied byte for byte; merged ones follow PEFT's math exactly (float32
-        # delta (B @ A) * scaling, added to W, one rounding to bf16), so they are bit-equal too.
-        assert torch.equal(tensor, reference[key]), key
-        if key not in changed:
+        if key not in changed:  # untouched tensors are copied byte for byte
             assert torch.equal(tensor, original[key]), key
 
 
@@ -169,7 +192,8 @@ MEMORY_PROBE = textwrap.dedent('''
     finally:
         done.set()
         thread.join()
-    print("MEMORY " + json.dumps({"before": before, "peak": peak[0]}))
+    heavy = sorted(m for m in ("torch", "lmdeploy", "transformers") if m in sys.modules)
+    print("MEMORY " + json.dumps({"before": before, "peak": peak[0], "heavy": heavy}))
 ''')
 
 
@@ -200,6 +224,8 @@ def test_memory_is_blocks_not_shards(tiny_model, tmp_path):
           f"adapter {adapter_bytes / 2**20:.1f} MiB")
     # The issue's target is 1.5x the largest shard plus the adapter; loading a shard whole would pass 2x.
     assert growth < 1.5 * largest + adapter_bytes, (growth, largest, adapter_bytes)
+    # What keeps the whole process small: importing torch's CUDA build alone is ~690 MiB of RSS.
+    assert mem["heavy"] == [], mem["heavy"]
     assert read_all(tmp_path / "out").keys() == read_all(base).keys()
 
 
@@ -235,3 +261,67 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(case, tmp_path):
     assert proc.wait(timeout=300) == 0, seen.decode(errors="replace")[-2000:]
     bars = [part for part in seen.decode(errors="replace").replace("\r", "\n").split("\n") if "merging:" in part]
     assert bars and "100%" in bars[-1], bars[-3:]
+
+
+def _copy_model(src, dst):
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.is_file():
+            (dst / item.name).write_bytes(item.read_bytes())
+    return dst
+
+
+def test_bin_adapter_merges_like_its_safetensors(tiny_model, tmp_path):
+    """A pickled adapter is read through torch (safely, see adapter_weights); the merge is the same bytes."""
+    src = tiny_model("qwen2")
+    adapter = make_peft_adapter(src, tmp_path / "st", target_modules=r"^(model.*\.(q_proj|down_proj))$", r=8)
+    pickled = _copy_model(adapter, tmp_path / "bin")
+    tensors = load_file(str(pickled / "adapter_model.safetensors"))
+    (pickled / "adapter_model.safetensors").unlink()
+    torch.save(tensors, str(pickled / "adapter_model.bin"))
+    for name, folder in (("st", adapter), ("bin", pickled)):
+        proc = run_cli("merge", src, folder, tmp_path / f"out-{name}")
+        assert proc.returncode == 0, describe(proc)
+    assert (tmp_path / "out-st" / "model.safetensors").read_bytes() == \
+        (tmp_path / "out-bin" / "model.safetensors").read_bytes()
+
+
+def test_refusals_of_what_merging_cannot_write(tiny_model, tmp_path):
+    src = tiny_model("qwen2")
+    # The LM head tied to the embedding: a merged LoRA on it would change the embedding too.
+    tied = _copy_model(src, tmp_path / "tied")
+    config = json.loads((tied / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(config))
+    heads = make_peft_adapter(src, tmp_path / "heads", target_modules=["q_proj", "lm_head"])
+    proc = run_cli("merge", tied, heads, tmp_path / "out-tied")
+    assert proc.returncode == 2 and "tie_word_embeddings" in proc.stderr and "lm_head" in proc.stderr, describe(proc)
+
+    # A quantized (integer) weight in the checkpoint: refused by name, not merged as if it were float.
+    quant = _copy_model(src, tmp_path / "quant")
+    weights = load_file(str(quant / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    weights[key] = weights[key].to(torch.int8)
+    save_file(weights, str(quant / "model.safetensors"), metadata={"format": "pt"})
+    adapter = make_peft_adapter(src, tmp_path / "q", target_modules=["q_proj"], r=4)
+    proc = run_cli("merge", quant, adapter, tmp_path / "out-quant")
+    assert proc.returncode == 2 and key in proc.stderr and "quantized" in proc.stderr, describe(proc)
+
+    # Values the checkpoint's dtype cannot hold once merged (float16 here): refused, never written as Inf.
+    half = reshard(src, tmp_path / "half", 2, torch.float16)
+    big = _copy_model(adapter, tmp_path / "big")
+    lora = load_file(str(big / "adapter_model.safetensors"))
+    for name in lora:
+        lora[name] = torch.full_like(lora[name], 300.0)
+    save_file(lora, str(big / "adapter_model.safetensors"), metadata={"format": "pt"})
+    proc = run_cli("merge", half, big, tmp_path / "out-big")
+    assert proc.returncode == 2 and "beyond what F16 can hold" in proc.stderr, describe(proc)
+    assert not (tmp_path / "out-big").exists()
+
+    # LoRA weights in a dtype merge does not read (float8): refused naming the tensor.
+    f8 = _copy_model(adapter, tmp_path / "f8")
+    lora = load_file(str(f8 / "adapter_model.safetensors"))
+    lora = {k: v.to(torch.float8_e4m3fn) for k, v in lora.items()}
+    save_file(lora, str(f8 / "adapter_model.safetensors"), metadata={"format": "pt"})
+    proc = run_cli("merge", src, f8, tmp_path / "out-f8")
+    assert proc.returncode == 2 and "F8_E4M3" in proc.stderr and "lora_A" in proc.stderr, describe(proc)
