@@ -173,28 +173,49 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+#: Runs the command in a fresh small process and reports that child's wall time and rusage. Needed
+#: because Linux carries a process's peak RSS across ``exec`` (``setmax_mm_hiwater_rss``): a child
+#: forked from this benchmark, which has imported torch (~700 MiB), would report at least that peak
+#: whatever it does itself. The launcher is exec'd first (its own peak is inherited and ignored), and
+#: the command is forked from it while it is ~10 MiB.
+_LAUNCHER = """
+import json, os, sys, time
+report, cmd = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(report, "w") as fh:
+    json.dump({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "maxrss": usage.ru_maxrss * 1024,
+               "code": os.waitstatus_to_exitcode(status)}, fh)
+"""
+
+
 def run_measured(cmd: Sequence[str], *, cwd: str | os.PathLike | None = None,
                  env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` to completion; return wall seconds, CPU seconds and peak RSS of that child (``wait4``).
 
     ``os.wait4`` reports the resources of exactly this child (not of every child ever waited for, as
-    ``RUSAGE_CHILDREN`` would), so measurements in one parent do not contaminate each other. Output is
-    captured and returned; a non-zero exit raises with it.
+    ``RUSAGE_CHILDREN`` would), so measurements in one parent do not contaminate each other; the child
+    is forked from a small launcher (see :data:`_LAUNCHER`), so this process's own size does not
+    either. Output is captured and returned; a non-zero exit raises with it.
     """
     import tempfile
 
-    with tempfile.TemporaryFile() as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=env if env is not None else child_env(),
-                                stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r", suffix=".json") as report:
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, report.name, *map(str, cmd)], cwd=cwd,
+                              env=env if env is not None else child_env(), stdout=out, stderr=subprocess.STDOUT)
         out.seek(0)
         text = out.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{text[-4000:]}")
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "maxrss": usage.ru_maxrss * 1024, "output": text}
+        result = json.loads(report.read() or "{}")
+    if proc.returncode != 0 or result.get("code") != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {result.get('code', proc.returncode)}:\n{text[-4000:]}")
+    return {"wall": result["wall"], "cpu": result["cpu"], "maxrss": result["maxrss"], "output": text}
 
 
 # --------------------------------------------------------------------------------------------- model
