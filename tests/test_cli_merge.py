@@ -325,3 +325,52 @@ def test_refusals_of_what_merging_cannot_write(tiny_model, tmp_path):
     save_file(lora, str(f8 / "adapter_model.safetensors"), metadata={"format": "pt"})
     proc = run_cli("merge", src, f8, tmp_path / "out-f8")
     assert proc.returncode == 2 and "F8_E4M3" in proc.stderr and "lora_A" in proc.stderr, describe(proc)
+
+
+def _multimodal_cases() -> dict:
+    from tests.test_multimodal import CASES, INTERNVL, VLM_CASES
+
+    cases = {f"internvl2-{name}": (INTERNVL, "checkpoint", spec) for name, spec in CASES.items()}
+    for name, (arch, naming, regex, *_) in VLM_CASES.items():
+        cases[name] = (arch, naming, dict(target_modules=regex, r=24, lora_alpha=32))
+    return cases
+
+
+MULTIMODAL = _multimodal_cases()
+
+
+@pytest.mark.parametrize("case", sorted(MULTIMODAL))
+def test_multimodal_merge_is_exact(case, tiny_model, tmp_path):
+    """Vision tower, projector, LM head and LLM, adapters named by old and new transformers: the merge, made from
+    the checkpoint's headers alone, changes exactly PEFT's tensors, each the exact merge rounded once; PEFT's
+    float32 merge is within its own rounding error of it."""
+    arch, naming, spec = MULTIMODAL[case]
+    base = tiny_model(arch)
+    adapter = make_peft_adapter(base, tmp_path / "adapter", seed=61, naming=naming, **spec)
+    proc = run_cli("merge", base, adapter, tmp_path / "ours", "--json")
+    assert proc.returncode == 0, describe(proc)
+    reference = read_all(merge_adapter_checkpoint(base, adapter, tmp_path / "peft"))
+    merged, original = read_all(tmp_path / "ours"), read_all(base)
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    assert merged.keys() == original.keys() == reference.keys()
+    modules = {m["key"]: m for m in json_out(proc)["modules"]}
+    changed = {k for k in original if not torch.equal(reference[k], original[k])}
+    assert changed and changed == set(modules)
+    for key, tensor in merged.items():
+        assert tensor.dtype == original[key].dtype
+        if key not in changed:
+            assert torch.equal(tensor, original[key]), key
+            continue
+        m = modules[key]
+        a = lora[f"base_model.model.{m['module']}.lora_A.weight"].double()
+        b = lora[f"base_model.model.{m['module']}.lora_B.weight"].double()
+        w = original[key].double()
+        exact = w + m["scaling"] * (b @ a)
+        if tensor.dtype == torch.float32:  # torch rounds float64 -> float32 directly, to nearest
+            assert torch.equal(tensor, exact.float()), key
+        else:
+            assert tensor.dtype == torch.bfloat16 and bool(_nearest(tensor, exact).all()), key
+        # PEFT's float32 B @ A: off by at most its accumulated rounding (rank * float32 eps of the terms).
+        bound = 1e-5 * (w.abs() + abs(m["scaling"]) * (b.abs() @ a.abs())) + 1e-30
+        step = (w.abs().clamp_min(2.0**-126) * torch.finfo(tensor.dtype).eps)
+        assert bool(((tensor.double() - reference[key].double()).abs() <= bound + step).all()), key
