@@ -141,6 +141,8 @@ def test_refusals_write_nothing(case, tiny_model, tmp_path):
     # vocabulary or another base): the LoRA merge would drop it, so it is refused like serving does.
     src = tiny_model("qwen2")
     heads = make_peft_adapter(src, tmp_path / "heads", target_modules=["q_proj", "lm_head"])
+    proc = run_cli("merge", src, heads, tmp_path / "out-heads")  # as saved, the copy equals the base: merged
+    assert proc.returncode == 0 and (tmp_path / "out-heads" / "model.safetensors").is_file(), describe(proc)
     tensors = load_file(str(heads / "adapter_model.safetensors"))
     copies = [k for k in tensors if k.endswith("lm_head.base_layer.weight")]
     assert copies, sorted(tensors)  # PEFT saved the base LM head next to the LoRA tensors
