@@ -1,7 +1,7 @@
 """LMDeploy's model for a base checkpoint, built as the engine builds it: on ``meta`` (layout only) or on CPU.
 
-``inspect --model`` and ``merge`` must resolve an adapter exactly as serving does (same module map,
-same naming scheme, same refusals), but must not read gigabytes of weights to do it. LMDeploy's
+``inspect --model`` must resolve an adapter exactly as serving does (same module map, same naming
+scheme, same refusals), but must not read gigabytes of weights to do it. LMDeploy's
 ``build_patched_model`` builds its module tree on any device; on ``meta`` no parameter has storage,
 so :class:`~lmdeploy_regex_lora.model_map.ModelMap` and :func:`~lmdeploy_regex_lora.plan.resolve_adapter`
 run on the same tree the engine serves, in well under a second. ``verify`` builds the same way on CPU,
@@ -70,9 +70,9 @@ def meta_model_map(model_dir: str | os.PathLike) -> tuple[ModelMap, object]:
 def servable_everywhere(model_map: ModelMap) -> ModelMap:
     """A copy of ``model_map`` in which every linear takes LoRA per request.
 
-    Used where the serving restriction does not apply: merging folds the delta into the weights, so a
-    LoRA on the vision tower or projector is as mergeable as one on the decoder. Everything else the
-    plan checks (naming, targets against tensors, ranks, shapes) stays as strict as serving.
+    ``inspect`` uses it to still list the modules of an adapter that serving refuses only for where its
+    layers are (the vision tower or projector of an interleaved layout): everything else the plan
+    checks (naming, targets against tensors, ranks, shapes) stays as strict as serving.
     """
     permissive = copy.copy(model_map)
     permissive.sites = {name: replace(site, serving=PER_REQUEST, lora_capable=True)
