@@ -249,6 +249,8 @@ def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
             raise AdapterError(f"checkpoint tensor {key!r} is {dtype} (quantized?); a LoRA delta can only be merged "
                                "into floating point weights.", adapter=name, file=base, module=m.hf_name,
                                fix="merge into the unquantized base model, then quantize the merge.")
+        for half, half_key in ((pair.a, pair.a_key), (pair.b, pair.b_key)):
+            _check_readable(tensors.file, half, name, m.hf_name, half_key)  # refused before anything is written
         targets[key] = MergeTarget(key, m.hf_name, where[key], m.rank, m.alpha, m.scaling)
         pairs[key] = pair
     _check_base_copies(name, tensors, rules, headers, where)
@@ -294,6 +296,16 @@ def _pread(file: str, offset: int, length: int, what: str) -> bytes:
     return data
 
 
+def _check_readable(file: str, tensor, adapter: str, module: str, key: str) -> None:
+    """Refuse an adapter tensor in a dtype :mod:`.rounding` cannot decode (float8), naming it."""
+    from .adapter_weights import TensorSpec
+
+    if isinstance(tensor, TensorSpec) and tensor.dtype not in rounding.ITEMSIZE:
+        raise AdapterError(f"tensor {key!r} is {tensor.dtype}; merge reads F64, F32, F16 and BF16 LoRA weights.",
+                           adapter=adapter, file=file, module=module,
+                           fix="save the adapter in float32 or bfloat16, or serve it with the plugin.")
+
+
 def _values(file: str, tensor, adapter: str, module: str, key: str):
     """One adapter tensor as a float64 numpy array: read at its header offsets, or converted from torch
     (a ``.bin`` adapter); NaN or Inf is refused, naming the tensor."""
@@ -301,11 +313,8 @@ def _values(file: str, tensor, adapter: str, module: str, key: str):
 
     from .adapter_weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, TensorSpec
 
+    _check_readable(file, tensor, adapter, module, key)
     if isinstance(tensor, TensorSpec):
-        if tensor.dtype not in rounding.ITEMSIZE:
-            raise AdapterError(f"tensor {key!r} is {tensor.dtype}; merge reads F64, F32, F16 and BF16 LoRA weights.",
-                               adapter=adapter, file=file, module=module,
-                               fix="save the adapter in float32 or bfloat16, or serve it with the plugin.")
         values = rounding.decode(tensor.dtype, _pread(file, tensor.offset, tensor.nbytes, "adapter weights file"))
         values = values.reshape(tensor.shape)
     else:
@@ -338,13 +347,13 @@ def _copy_range(src, dst, length: int, buf: memoryview, tick: Callable[[int], No
         tick(len(view))
 
 
-def _merge_rows(src, dst, info: dict, a, b, scaling: float, where: tuple[str, str, str],
+def _merge_rows(src, dst, key: str, info: dict, a, b, scaling: float, where: tuple[str, str, str],
                 tick: Callable[[int], None]) -> None:
     """Write ``W + scaling * B @ A`` for one weight, a block of rows at a time, rounded once to the weight's dtype.
 
     Computed in float64 (``a`` and ``b`` are float64 already), so the result is the nearest value of
     the dtype to the exact sum, whatever BLAS the machine has. A value that overflows the dtype where
-    the base weight was finite is refused (``where``: adapter, file, module), never written as Inf.
+    the base weight ``key`` was finite is refused (``where``: adapter, file, module), never written as Inf.
     """
     import numpy as np
 
@@ -367,7 +376,7 @@ def _merge_rows(src, dst, info: dict, a, b, scaling: float, where: tuple[str, st
         finite = rounding.finite_encoded(code, merged)
         if not finite.all() and np.isfinite(w[~finite]).any():
             adapter, file, module = where
-            raise AdapterError(f"merged into {info.get('key', 'its weight')}, it gives values beyond what {code} "
+            raise AdapterError(f"merged into {key}, it gives values beyond what {code} "
                                "can hold (the weight would hold Inf).", adapter=adapter, file=file, module=module,
                                fix="merge into a checkpoint with a wider dtype (float32), or serve the adapter "
                                    "unmerged with the plugin.")
@@ -387,11 +396,12 @@ def write_shard(plan: MergePlan, shard: str, out_file: str, tick: Callable[[int]
         pos = 0
         for start, key in targets:
             _copy_range(src, dst, start - pos, buf, tick)
-            info = dict(header.entries[key], key=key)
+            info = header.entries[key]
             target, pair = plan.targets[key], plan.pairs[key]
             a = _values(plan.weights_file, pair.a, plan.adapter, target.module, pair.a_key)
             b = _values(plan.weights_file, pair.b, plan.adapter, target.module, pair.b_key)
-            _merge_rows(src, dst, info, a, b, target.scaling, (plan.adapter, plan.weights_file, target.module), tick)
+            _merge_rows(src, dst, key, info, a, b, target.scaling, (plan.adapter, plan.weights_file, target.module),
+                        tick)
             pos = info["data_offsets"][1]
         _copy_range(src, dst, header.data_len - pos, buf, tick)
     return len(targets)

@@ -230,6 +230,8 @@ def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, rules: tuple
 
 def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[FoldPlan]:
     """Vision/projector deltas: fold when one adapter changes a layer (or all that do agree), else refuse."""
+    import torch  # serving path only (merge never plans folds)
+
     owners: dict[str, list[ResolvedAdapter]] = {}
     site_slices = {name: site.base_slice for name, site in model_map.sites.items()}
     for ra in resolved:
@@ -238,8 +240,6 @@ def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[Fo
                 owners.setdefault(site_name, []).append(ra)
     folds = []
     conflicts = []
-    if owners:
-        import torch
     for site_name, ras in sorted(owners.items()):
         first_m, first_p = ras[0].by_site[site_name]
         # Only several owners need the deltas compared; slots._stage_folds computes the one it folds.
