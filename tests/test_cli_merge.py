@@ -76,6 +76,13 @@ def _nearest(merged: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
                         for step in (-1, 1)]).all(0)
 
 
+def _terms(original: dict, lora: dict, module: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W, A, B) in float64 for one entry of merge's ``--json`` ``modules``."""
+    prefix = f"base_model.model.{module['module']}"
+    return (original[module["key"]].double(), lora[f"{prefix}.lora_A.weight"].double(),
+            lora[f"{prefix}.lora_B.weight"].double())
+
+
 def test_equals_exact_merge_and_peft(case, tmp_path):
     base, adapter, proc, out = case
     assert proc.returncode == 0, describe(proc)
@@ -88,10 +95,9 @@ def test_equals_exact_merge_and_peft(case, tmp_path):
     assert changed == {m["key"] for m in summary["modules"]} and len(changed) == 10
     differ = total = 0
     for m in summary["modules"]:
-        key, module = m["key"], m["module"]
-        a = lora[f"base_model.model.{module}.lora_A.weight"].double()
-        b = lora[f"base_model.model.{module}.lora_B.weight"].double()
-        exact = original[key].double() + m["scaling"] * (b @ a)
+        key = m["key"]
+        w, a, b = _terms(original, lora, m)
+        exact = w + m["scaling"] * (b @ a)
         # The merge rounds W + scaling * B @ A once, to the nearest bfloat16 (checkpoint row order:
         # InternLM2's wqkv stays interleaved, as the adapter was trained).
         assert bool(_nearest(merged[key], exact).all()), key
@@ -327,6 +333,7 @@ def test_refusals_of_what_merging_cannot_write(tiny_model, tmp_path):
     save_file(lora, str(f8 / "adapter_model.safetensors"), metadata={"format": "pt"})
     proc = run_cli("merge", src, f8, tmp_path / "out-f8")
     assert proc.returncode == 2 and "F8_E4M3" in proc.stderr and "lora_A" in proc.stderr, describe(proc)
+    assert not (tmp_path / "out-f8").exists()
 
 
 def _multimodal_cases() -> dict:
@@ -364,9 +371,7 @@ def test_multimodal_merge_is_exact(case, tiny_model, tmp_path):
             assert torch.equal(tensor, original[key]), key
             continue
         m = modules[key]
-        a = lora[f"base_model.model.{m['module']}.lora_A.weight"].double()
-        b = lora[f"base_model.model.{m['module']}.lora_B.weight"].double()
-        w = original[key].double()
+        w, a, b = _terms(original, lora, m)
         exact = w + m["scaling"] * (b @ a)
         if tensor.dtype == torch.float32:  # torch rounds float64 -> float32 directly, to nearest
             assert torch.equal(tensor, exact.float()), key
