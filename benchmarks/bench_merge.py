@@ -17,7 +17,6 @@ Qwen2-0.5B-shaped float16 checkpoint in 4 shards (largest 300 MiB) and the ms-sw
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import shutil
@@ -99,15 +98,7 @@ def compare(ours: pathlib.Path, peft: pathlib.Path, base: pathlib.Path, adapter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--cache", default=str(common.DEFAULT_CACHE))
-    parser.add_argument("--work", default=None, help="folder for merged outputs (default: a temporary one)")
-    args = parser.parse_args(argv)
-    cache = pathlib.Path(args.cache)
-    common.print_machine()
-    base = common.make_base_model(cache)
-    adapter = common.make_adapter(base, targets="regex", cache=cache)
+    args, base, adapter = common.merge_bench_setup(__doc__.splitlines()[0], argv)
     if not merge_cli_available():
         print("`python -m lmdeploy_regex_lora.cli merge` is not available in this tree; nothing to compare")
         return 1

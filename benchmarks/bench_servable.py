@@ -17,7 +17,6 @@ regex form (r=64 on all 168 decoder linears) of the Qwen2-0.5B-shaped float16 mo
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import shutil
 import sys
@@ -52,15 +51,7 @@ def run_path(steps: list[list[str]], out: pathlib.Path | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--cache", default=str(common.DEFAULT_CACHE))
-    parser.add_argument("--work", default=None, help="folder for merged outputs (default: a temporary one)")
-    args = parser.parse_args(argv)
-    cache = pathlib.Path(args.cache)
-    common.print_machine()
-    base = common.make_base_model(cache)
-    adapter = common.make_adapter(base, targets="regex", cache=cache)
+    args, base, adapter = common.merge_bench_setup(__doc__.splitlines()[0], argv)
     have_merge = merge_cli_available()
 
     with tempfile.TemporaryDirectory(prefix="bench-servable-", dir=args.work) as tmp:

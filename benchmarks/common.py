@@ -7,6 +7,7 @@ asserts on a time: the numbers are printed for docs/performance.md.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -260,6 +261,21 @@ def num_params(cfg: dict[str, Any] = QWEN2_05B) -> int:
             n *= d
         total += n
     return total
+
+
+def merge_bench_setup(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, pathlib.Path,
+                                                                        pathlib.Path]:
+    """Options shared by the benchmarks that merge (``--reps``, ``--cache``, ``--work``), the machine line,
+    and the cached base model with its ms-swift regex adapter: (args, base, adapter)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    parser.add_argument("--work", default=None, help="folder for merged outputs (default: a temporary one)")
+    args = parser.parse_args(argv)
+    cache = pathlib.Path(args.cache)
+    print_machine()
+    base = make_base_model(cache)
+    return args, base, make_adapter(base, targets="regex", cache=cache)
 
 
 def make_base_model(cache: pathlib.Path = DEFAULT_CACHE, cfg: dict[str, Any] = QWEN2_05B,
