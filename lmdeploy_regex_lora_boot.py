@@ -1,19 +1,14 @@
-"""Start-up side of the plugin, imported by ``lmdeploy_regex_lora.pth`` in every interpreter.
+"""Start-up side of the plugin: the ``.pth`` line calls :func:`boot` in every interpreter.
 
-A top-level module, not part of the package: importing ``lmdeploy_regex_lora._bootstrap`` would
-import the package ``__init__`` first, and every start pays for each module it loads. For the same
-reason there is no ``from __future__ import annotations`` (the ``__future__`` module is one more
-import): annotations naming types imported only for checkers are strings. The package reaches this
-module as ``lmdeploy_regex_lora._bootstrap`` (an alias of this very module object).
+LMDeploy builds the model in whatever process its executor picks (the caller, a ``spawn`` child, a
+Ray actor), and a monkeypatch made in the parent never reaches the others. A ``.pth`` line runs in all
+of them, so :func:`boot` registers a tiny ``sys.meta_path`` finder; once a module named in
+:data:`PATCH_POINTS` has executed, :mod:`lmdeploy_regex_lora.serve.hook` wraps its patch points.
 
-LMDeploy builds the model in whatever process its executor picks (the caller, a ``spawn``
-child, a Ray actor), and a monkeypatch made in the parent never reaches the others. A ``.pth``
-line runs in all of them, so this module only registers a tiny ``sys.meta_path`` finder that
-calls :mod:`lmdeploy_regex_lora.hook` once LMDeploy's ``add_adapters`` modules (and the CLI
-modules that choose an engine) have executed.
-
-It runs on *every* interpreter start, LMDeploy or not, so it imports nothing beyond ``sys``
-and ``os`` (already loaded by ``site``) and must never raise.
+Importing this module does nothing else (the ``.pth`` line calls :func:`boot` itself). It runs at
+*every* interpreter start, LMDeploy or not, so it is a top-level module (no package ``__init__``),
+imports nothing beyond ``sys`` and ``os`` (already loaded by ``site``), has no ``__future__`` import
+(annotations naming types imported only for checkers are strings) and must never raise.
 """
 
 import os
@@ -28,22 +23,24 @@ if TYPE_CHECKING:
 ENV_DISABLE = "LMDEPLOY_REGEX_LORA_DISABLE"
 LOGGER_NAME = "lmdeploy.regex_lora"
 
-# Modules whose global ``add_adapters`` LMDeploy calls: ``patch`` defines it, the agent binds it
-# by name (``agent`` package module since 0.12, the flat ``model_agent`` module before).
-ADD_ADAPTERS_MODULES: "tuple[str, ...]" = (
-    "lmdeploy.pytorch.models.patch",
-    "lmdeploy.pytorch.engine.model_agent.agent",
-    "lmdeploy.pytorch.engine.model_agent",
+#: Every place the plugin patches LMDeploy: (module, owner class or "" for the module, attribute,
+#: handler as "module:function" in this package). Plain data, so that the finder knows which imports to
+#: watch without importing anything; :mod:`lmdeploy_regex_lora.serve.hook` applies and undoes the table.
+PATCH_POINTS: "tuple[tuple[str, str, str, str], ...]" = (
+    # LMDeploy's adapter loader: ``patch`` defines it; the model agent binds it by name at import time
+    # (the ``agent`` package module since 0.12, the flat ``model_agent`` module before).
+    ("lmdeploy.pytorch.models.patch", "", "add_adapters", "serve.hook:load_adapters"),
+    ("lmdeploy.pytorch.engine.model_agent.agent", "", "add_adapters", "serve.hook:load_adapters"),
+    ("lmdeploy.pytorch.engine.model_agent", "", "add_adapters", "serve.hook:load_adapters"),
+    # Each step's inputs, recorded for LoRA slots whose rows are not the step's token rows (LM head).
+    ("lmdeploy.pytorch.model_inputs", "StepContextManager", "build_context", "serve.steps:record_step"),
+    # CLI commands that pick the engine themselves (TurboMind ignores ``--adapters``).
+    ("lmdeploy.cli.serve", "SubCliServe", "api_server", "serve.cli_guard:serve_api_server"),
+    ("lmdeploy.cli.chat", "", "main", "serve.cli_guard:chat_main"),
+    # LMDeploy's pre-flight check of each adapter (``PeftConfig``, which exits the process on failure).
+    ("lmdeploy.pytorch.check_env.adapter", "AdapterChecker", "check", "serve.cli_guard:adapter_check"),
 )
-# CLI modules whose commands pick the engine on their own (TurboMind ignores ``--adapters``).
-BACKEND_CHOICE_MODULES: "tuple[str, ...]" = (
-    "lmdeploy.cli.serve",
-    "lmdeploy.cli.chat",
-)
-# LMDeploy's pre-flight check of each adapter (``PeftConfig.from_pretrained``, which exits the process
-# on failure): replaced by the plugin's own config validation while it is active.
-ADAPTER_CHECK_MODULES: "tuple[str, ...]" = ("lmdeploy.pytorch.check_env.adapter",)
-TARGET_MODULES: "tuple[str, ...]" = ADD_ADAPTERS_MODULES + BACKEND_CHOICE_MODULES + ADAPTER_CHECK_MODULES
+TARGET_MODULES: "frozenset[str]" = frozenset(point[0] for point in PATCH_POINTS)
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _warned: "set[str]" = set()
@@ -68,11 +65,6 @@ def warn_once(key: str, message: str, *, exc_info: bool = False) -> None:
         logging.getLogger(LOGGER_NAME).warning(message, exc_info=exc_info)
     except Exception:  # a broken logging setup must not break LMDeploy
         pass
-
-
-def has_warned(key: str) -> bool:
-    """Whether :func:`warn_once` already fired for ``key`` (lets the hook share one budget)."""
-    return key in _warned
 
 
 class _LoaderProxy:
@@ -151,7 +143,7 @@ class PostImportFinder:
                     "LMDeploy's own add_adapters stays in place",
                 )
                 return
-            from lmdeploy_regex_lora import hook
+            from lmdeploy_regex_lora.serve import hook
 
             hook.on_module_loaded(module)
         except Exception:  # the plugin must never break LMDeploy's import
@@ -194,6 +186,3 @@ def boot() -> None:
         register(disabled=env_disabled())
     except Exception:  # interpreter start-up must survive anything
         pass
-
-
-boot()

@@ -26,7 +26,7 @@ import tempfile
 from . import common
 from .bench_servable import merge_cli_available
 
-BASELINE = "import numpy, lmdeploy_regex_lora.merge, lmdeploy_regex_lora.plan, lmdeploy_regex_lora.model_map"
+BASELINE = "import numpy, lmdeploy_regex_lora.merge.writer, lmdeploy_regex_lora.serve.plan"
 TORCH_FLOOR = "import torch"
 
 

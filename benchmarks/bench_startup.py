@@ -31,7 +31,7 @@ COMMANDS = {
 }
 # The top-level start-up module the .pth imports now, and what it imported before (package, _bootstrap, __future__).
 BOOT_MODULE = "lmdeploy_regex_lora_boot"
-OUR_MODULES = (BOOT_MODULE, "lmdeploy_regex_lora", "lmdeploy_regex_lora._bootstrap", "__future__")
+OUR_MODULES = (BOOT_MODULE, "lmdeploy_regex_lora", "lmdeploy_regex_lora_boot", "__future__")
 ENV = common.child_env(PYTHONDONTWRITEBYTECODE="1")
 
 

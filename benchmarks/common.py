@@ -367,7 +367,7 @@ def folder_bytes(folder: pathlib.Path) -> int:
 
 def build_model(base: pathlib.Path, dtype: str = "float16"):
     """LMDeploy's own CPU build of ``base`` (``build_patched_model`` + ``load_model_weights``)."""
-    from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 
     return build_lmdeploy_model(base, dtype=dtype)
 

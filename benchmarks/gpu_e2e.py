@@ -33,7 +33,7 @@ silently absent adapter cannot pass.
 
 Without CUDA, ``--dry-run`` goes as far as the CPU allows: it writes everything, checks the tokenizer through
 LMDeploy's own ``Tokenizer``, builds LMDeploy's models on CPU with the plugin and compares every served LoRA
-slot with the merged checkpoints (``lmdeploy_regex_lora.verify``), and prints the engine plan and the server
+slot with the merged checkpoints (``lmdeploy_regex_lora.testing.compare``), and prints the engine plan and the server
 command line.
 
 All pipelines run first, then the servers; no phase starts once ``--budget`` seconds (420) have passed, so the
@@ -250,13 +250,13 @@ def write_tokenizer(out: pathlib.Path, vocab: int) -> None:
 def write_model(arch: str, out: pathlib.Path, d: Dims, seed: int = 0) -> pathlib.Path:
     """A complete model folder of ``arch`` at sizes ``d``.
 
-    ``lmdeploy_regex_lora.tiny_models.make_tiny_model`` writes the folder (its config conventions, InternLM2's
+    ``lmdeploy_regex_lora.testing.tiny_models.make_tiny_model`` writes the folder (its config conventions, InternLM2's
     remote-code config, generation config, checkpoint key names); this rescales the config and rewrites the
     weights at ``d``'s sizes, and adds the tokenizer.
     """
     from safetensors.torch import save_file
 
-    from lmdeploy_regex_lora.tiny_models import checkpoint_shapes, make_tiny_model
+    from lmdeploy_regex_lora.testing.tiny_models import checkpoint_shapes, make_tiny_model
 
     make_tiny_model(arch, out, seed=seed, num_layers=d.layers)
     cfg = json.loads((out / "config.json").read_text())
@@ -281,7 +281,7 @@ def write_adapter(model_dir: pathlib.Path, out: pathlib.Path, spec: AdapterSpec)
     """
     from safetensors.torch import save_file
 
-    from lmdeploy_regex_lora.tiny_models import checkpoint_linear_names
+    from lmdeploy_regex_lora.testing.tiny_models import checkpoint_linear_names
 
     linears = checkpoint_linear_names(model_dir)
     pattern = re.compile(spec.regex)
@@ -839,8 +839,8 @@ def check_plugin_cpu(ms: ModelSet) -> dict[str, Any]:
     import torch
 
     import lmdeploy_regex_lora
-    from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
-    from lmdeploy_regex_lora.verify import compare, load_models
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.compare import compare, load_models
 
     if not lmdeploy_regex_lora.install():
         raise RuntimeError("the plugin stood aside (see its log)")

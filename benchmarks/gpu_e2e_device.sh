@@ -33,7 +33,7 @@ fi
 "$PY" -m pip check || echo "(pip check above: unmet requirements are listed, not fatal)"
 "$PY" - <<'PY' || exit 5
 import importlib.metadata as m
-import lmdeploy_regex_lora._bootstrap as boot
+import lmdeploy_regex_lora_boot as boot
 import torch
 print("lmdeploy", m.version("lmdeploy"), "| plugin", m.version("lmdeploy-regex-lora"), "| torch", torch.__version__,
       "| transformers", m.version("transformers"), "| peft", m.version("peft"), "| triton", m.version("triton"))

@@ -36,7 +36,7 @@ def build(base: str, adapters: dict[str, str]) -> dict:
     t0 = time.perf_counter()
     import torch
 
-    from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 
     t1 = time.perf_counter()
     model = build_lmdeploy_model(base, dtype="float16")

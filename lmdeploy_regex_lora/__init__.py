@@ -1,7 +1,15 @@
 """Serve PEFT LoRA adapters (regex ``target_modules`` included) through LMDeploy's PyTorch engine.
 
-This module is imported by the ``.pth`` bootstrap at every interpreter start, so it must stay
-cheap: nothing here imports torch or lmdeploy. The heavy parts load on first use.
+The package, by role:
+
+* :mod:`.serve`: what runs inside LMDeploy (the patch table, the loader, config and tensors in, a
+  resolved plan, LoRA slots filled from it);
+* :mod:`.merge`: the base checkpoint with an adapter folded in, streamed, without torch;
+* :mod:`.cli`: the ``lmdeploy-regex-lora`` command (inspect, verify, merge, doctor, demo);
+* :mod:`.testing`: tiny model folders, the one LMDeploy CPU build and the one served-vs-merged comparison;
+* :mod:`.errors` and :mod:`.safetensors_io`: the one error type and the one reader of untrusted files.
+
+Importing this module imports neither torch nor LMDeploy; the heavy parts load on first use.
 """
 
 from __future__ import annotations
@@ -12,25 +20,25 @@ __all__ = ["__version__", "install", "uninstall", "is_installed"]
 
 
 def install() -> bool:
-    """Wrap LMDeploy's ``add_adapters`` (now, or when LMDeploy is imported). Idempotent.
+    """Wrap LMDeploy's patch points (now, or when LMDeploy is imported). Idempotent.
 
     Returns True when the plugin is (or will be) active, False when it stands aside
     (disabled by ``LMDEPLOY_REGEX_LORA_DISABLE`` or an unsupported LMDeploy version).
     """
-    from . import hook
+    from .serve import hook
 
     return hook.install()
 
 
 def uninstall() -> None:
     """Restore LMDeploy's original functions and drop the import hook. Idempotent."""
-    from . import hook
+    from .serve import hook
 
     hook.uninstall()
 
 
 def is_installed() -> bool:
     """True when the wrappers are in place on every imported LMDeploy module that needs them."""
-    from . import hook
+    from .serve import hook
 
     return hook.is_installed()

@@ -1,8 +1,19 @@
-"""The plugin's one error type: every refusal names the adapter, the file, the field or module, and the fix."""
+"""The plugin's one error type: every refusal names the adapter, the file, the field or module, and the fix.
+
+Three helpers keep that context explicit wherever a refusal or a failure is raised:
+
+* :class:`Blame` binds an adapter and a file once, so each refusal in a reader names only what differs;
+* :func:`where` marks what the code inside works on (adapter, file, module), for failures nobody foresaw;
+* :func:`stage` turns such a failure into an :class:`AdapterError` that names the stage and the innermost
+  :func:`where` context, with :data:`BUG_FIX` and the original exception chained.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 BUG_FIX = ("this is a bug in lmdeploy-regex-lora, not in the adapter; please report it with the adapter_config.json "
            "and the traceback above. Meanwhile LMDEPLOY_REGEX_LORA_ON_ERROR=skip serves the other adapters.")
@@ -20,6 +31,13 @@ def printable(text: str) -> str:
     raw = text.encode("utf-8", "surrogateescape")
     clean = raw.decode("utf-8", "backslashreplace")
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", clean)
+
+
+def describe_names(names, limit: int = 4) -> str:
+    """``'a', 'b', 'c', 'd' and 3 more``: a few names of a set, sorted, for a message."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
 
 
 class AdapterError(ValueError):
@@ -76,9 +94,68 @@ def _rebuild(problem, adapter, file, field, module, fix) -> AdapterError:
     return AdapterError(problem, adapter=adapter, file=file, field=field, module=module, fix=fix)
 
 
+class Blame:
+    """The adapter and file a reader works on, bound once: ``bad = Blame(name, file)``, then
+    ``raise bad("problem.", "fix.", field="r")``."""
+
+    def __init__(self, adapter: str | None = None, file: str | None = None) -> None:
+        self.adapter = adapter
+        self.file = file
+
+    def __call__(self, problem: str, fix: str | None = None, *, field: str | None = None, module: str | None = None,
+                 file: str | None = None) -> AdapterError:
+        return AdapterError(problem, adapter=self.adapter, file=file or self.file, field=field, module=module,
+                            fix=fix)
+
+
+def bug(problem: str, *, adapter: str | None = None, file: str | None = None, module: str | None = None
+        ) -> AdapterError:
+    """A state the plugin itself should never reach (not the adapter's fault)."""
+    return AdapterError(problem, adapter=adapter, file=file, module=module, fix=BUG_FIX)
+
+
 def unexpected(exc: BaseException, stage: str, *, adapter: str | None = None, file: str | None = None,
                module: str | None = None) -> AdapterError:
     """Wrap an exception the plugin did not foresee, keeping where it happened; chain it with ``from exc``."""
     first = str(exc).splitlines()[0] if str(exc) else ""
-    return AdapterError(f"{stage} failed unexpectedly ({type(exc).__name__}: {first}).", adapter=adapter, file=file,
-                        module=module, fix=BUG_FIX)
+    return bug(f"{stage} failed unexpectedly ({type(exc).__name__}: {first}).", adapter=adapter, file=file,
+               module=module)
+
+
+_FIELDS = ("adapter", "file", "module")
+_ATTR = "_lmdeploy_regex_lora_where"
+_where: ContextVar[tuple[dict, ...]] = ContextVar("lmdeploy_regex_lora_where", default=())
+
+
+@contextmanager
+def where(*, adapter: str | None = None, file: str | None = None, module: str | None = None) -> Iterator[None]:
+    """Mark what the block works on. The innermost marks an exception leaving it with everything known
+    there (inner values win); :func:`stage` reads that mark."""
+    fields = {k: v for k, v in (("adapter", adapter), ("file", file), ("module", module)) if v is not None}
+    token = _where.set(_where.get() + (fields,))
+    try:
+        yield
+    except Exception as exc:
+        if not hasattr(exc, _ATTR):
+            known: dict = {}
+            for level in _where.get():
+                known.update(level)
+            try:
+                setattr(exc, _ATTR, known)
+            except Exception:  # an exception type without a __dict__: the stage still names itself
+                pass
+        raise
+    finally:
+        _where.reset(token)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Re-raise anything but an :class:`AdapterError` as one naming ``name`` and the :func:`where` context."""
+    try:
+        yield
+    except AdapterError:
+        raise
+    except Exception as exc:
+        known = getattr(exc, _ATTR, {})
+        raise unexpected(exc, name, **{k: known.get(k) for k in _FIELDS}) from exc

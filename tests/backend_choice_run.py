@@ -55,7 +55,7 @@ def main() -> int:
     from lmdeploy.serve.openai import api_server
 
     import lmdeploy_regex_lora
-    from lmdeploy_regex_lora import hook
+    from lmdeploy_regex_lora.serve import hook
 
     real_tm = turbomind._tm
     seen: dict = {}

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from lmdeploy_regex_lora.tiny_models import ARCHS, make_tiny_model
+from lmdeploy_regex_lora.testing.tiny_models import ARCHS, make_tiny_model
 
 
 @pytest.fixture(scope="session")

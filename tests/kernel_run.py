@@ -21,7 +21,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lmdeploy_regex_lora  # noqa: E402
-from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model  # noqa: E402
+from lmdeploy_regex_lora.testing.build import build_lmdeploy_model  # noqa: E402
 
 TOL = 2e-5
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmdeploy_regex_lora.tiny_models import EMBEDDING_LEAVES, detect_arch
+from lmdeploy_regex_lora.testing.tiny_models import EMBEDDING_LEAVES, detect_arch
 
 __all__ = [
     "NAMINGS",

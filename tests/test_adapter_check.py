@@ -15,7 +15,7 @@ import time
 import pytest
 
 import lmdeploy_regex_lora
-from lmdeploy_regex_lora import hook
+from lmdeploy_regex_lora.serve import hook
 from tests.peft_fixtures import make_peft_adapter
 
 
@@ -34,7 +34,8 @@ def swift_adapter(tiny_model, tmp_path_factory):
 
 
 def test_wrapped_while_installed_and_restored_after(checker_cls):
-    original = hook._cli_originals[hook._CHECK_KEY]
+    point = next(p for p in hook.patch_points() if p.attribute == "check")
+    original = hook._originals[point]
     assert hook.is_wrapper(vars(checker_cls)["check"])
     lmdeploy_regex_lora.uninstall()
     assert vars(checker_cls)["check"] is original and not hook.is_wrapper(vars(checker_cls)["check"])

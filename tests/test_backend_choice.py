@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lmdeploy_regex_lora.hook import BACKEND_SWITCH
+from lmdeploy_regex_lora.serve.cli_guard import BACKEND_SWITCH
 from tests.peft_fixtures import make_peft_adapter
 from tests.venv_overlay import build_wheel, make_overlay_venv
 

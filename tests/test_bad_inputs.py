@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmdeploy_regex_lora.errors import AdapterError, printable
-from lmdeploy_regex_lora.matching import REGEX_BUDGET_S
+from lmdeploy_regex_lora.serve.matching import REGEX_BUDGET_S
 from tests._hostile import (
     PREFIX,
     ModelState,
@@ -67,7 +67,7 @@ def base_dir(tiny_model) -> Path:
 @pytest.fixture(scope="module")
 def served(base_dir):
     """One LMDeploy-built tiny Qwen2 for the whole module, and its snapshot."""
-    from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 
     model = build_lmdeploy_model(base_dir)
     return model, ModelState(model)
@@ -732,7 +732,7 @@ def test_adapter_landing_nowhere_is_an_error(model, good_adapter, base_dir, tiny
 @pytest.fixture(scope="module")
 def three(base_dir, tmp_path_factory):
     """Adapters a, c (good, different targets and ranks) and the merged references; b is damaged per test."""
-    from lmdeploy_regex_lora.verify import load_models
+    from lmdeploy_regex_lora.testing.compare import load_models
     from tests.peft_fixtures import merge_adapter_checkpoint
 
     root = tmp_path_factory.mktemp("three")
@@ -748,7 +748,7 @@ def three(base_dir, tmp_path_factory):
 def _check_skipped(model, base, merged, caplog, reason_word: str):
     from lmdeploy.pytorch.adapter.adapter import AdapterManager
 
-    from lmdeploy_regex_lora.verify import compare, linear_modules, slot_delta
+    from lmdeploy_regex_lora.testing.compare import compare, linear_modules, slot_delta
 
     ids = AdapterManager({"a": "", "b": "", "c": ""}).adapter_id_map  # LMDeploy's own numbering
     assert (ids["a"], ids["b"], ids["c"]) == (1, 2, 3)
@@ -778,7 +778,7 @@ def test_skip_serves_the_others_and_keeps_ids(model, three, monkeypatch, caplog,
 
 def test_skip_also_covers_failures_while_filling(model, three, monkeypatch, caplog):
     """Fault injection: ``slots._place`` raises for adapter id 2 only; b is skipped, a and c load."""
-    from lmdeploy_regex_lora import slots
+    from lmdeploy_regex_lora.serve import slots
 
     model, state = model
     adapters, base, merged = three
@@ -834,7 +834,7 @@ def _assert_clean_failure(model, state, adapters, cause_type=RuntimeError):
     import lmdeploy.pytorch.models.patch as patch
 
     import lmdeploy_regex_lora
-    from lmdeploy_regex_lora.hook import is_wrapper
+    from lmdeploy_regex_lora.serve.hook import is_wrapper
 
     with pytest.raises(AdapterError) as info:
         load(model, adapters)
@@ -855,11 +855,11 @@ def with_lm_head(base_dir, tmp_path_factory):
 
 def test_fault_while_building_slots(model, good_adapter, monkeypatch):
     """Fault injection: the second ``slots._build_slot`` call raises (before anything is attached)."""
-    from lmdeploy_regex_lora import slots
-    from lmdeploy_regex_lora.loader import resolve
+    from lmdeploy_regex_lora.serve import slots
+    from lmdeploy_regex_lora.serve.loader import resolve
 
     model, state = model
-    second = resolve(model, {"only": good_adapter})[0].slots[1].hf_name  # the plan's order
+    second = resolve(model, {"only": good_adapter}).plan.slots[1].hf_name  # the plan's order
     wrapper, calls = _nth_call_raises(2, slots._build_slot)
     monkeypatch.setattr(slots, "_build_slot", wrapper)
     err = _assert_clean_failure(model, state, {"only": good_adapter})
@@ -871,11 +871,11 @@ def test_fault_while_building_slots(model, good_adapter, monkeypatch):
 
 def test_fault_while_filling_slots(model, good_adapter, monkeypatch):
     """Fault injection: ``slots._place`` (copying one module's A and B into its slot) raises on its fifth call."""
-    from lmdeploy_regex_lora import slots
-    from lmdeploy_regex_lora.loader import resolve
+    from lmdeploy_regex_lora.serve import slots
+    from lmdeploy_regex_lora.serve.loader import resolve
 
     model, state = model
-    fifth = resolve(model, {"only": good_adapter})[1][0].plan.modules[4].hf_name  # filled in plan order
+    fifth = resolve(model, {"only": good_adapter}).adapters[0].plan.modules[4].hf_name  # filled in plan order
     wrapper, calls = _nth_call_raises(5, slots._place)
     monkeypatch.setattr(slots, "_place", wrapper)
     err = _assert_clean_failure(model, state, {"only": good_adapter})
@@ -888,10 +888,10 @@ def test_fault_while_attaching_rolls_back(model, with_lm_head, monkeypatch):
 
     The LM-head slot makes install patch LMDeploy's step context manager first; it must be undone too.
     """
-    from lmdeploy_regex_lora.loader import resolve
+    from lmdeploy_regex_lora.serve.loader import resolve
 
     model, state = model
-    plan = resolve(model, {"lmh": with_lm_head})[0]
+    plan = resolve(model, {"lmh": with_lm_head}).plan
     assert any(s.hf_name.endswith("lm_head") for s in plan.slots)
     third = plan.slots[2].hf_name  # attached in plan order
     wrapper, calls = _nth_call_raises(3, torch.nn.ModuleDict.__setitem__)
@@ -904,7 +904,7 @@ def test_fault_while_attaching_rolls_back(model, with_lm_head, monkeypatch):
 
 def test_fault_while_planning(model, good_adapter, monkeypatch):
     """Fault injection: the planner raises a plain KeyError for the second adapter."""
-    from lmdeploy_regex_lora import loader
+    from lmdeploy_regex_lora.serve import loader
 
     model, state = model
     wrapper, calls = _nth_call_raises(2, loader.resolve_adapter)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmdeploy_regex_lora.cli_common import group_rows, layer_pattern, parse_adapters, table
+from lmdeploy_regex_lora.cli.common import group_rows, layer_pattern, parse_adapters, table
 from lmdeploy_regex_lora.errors import AdapterError
 from tests.cli_run import ROOT, describe, run_cli
 
@@ -49,7 +49,7 @@ def test_demo_keeps_its_own_arguments():
 
 
 def test_help_imports_neither_torch_nor_lmdeploy():
-    code = ("import sys\nfrom lmdeploy_regex_lora import cli\n"
+    code = ("import sys\nfrom lmdeploy_regex_lora.cli import main as cli\n"
             "for c in ('inspect', 'verify', 'merge', 'doctor'):\n"
             "    try:\n        cli.main([c, '--help'])\n    except SystemExit:\n        pass\n"
             "print('LOADED', 'torch' in sys.modules, 'lmdeploy' in sys.modules)\n")

@@ -13,9 +13,9 @@ import math
 import pytest
 from safetensors import safe_open
 
-from lmdeploy_regex_lora.adapter_weights import read_adapter_tensors
+from lmdeploy_regex_lora.cli.inspect import inspect_adapters
 from lmdeploy_regex_lora.errors import AdapterError
-from lmdeploy_regex_lora.inspect_cmd import inspect_adapters
+from lmdeploy_regex_lora.serve.weights import read_adapter_tensors
 from tests.cli_run import describe, json_out, run_cli
 from tests.peft_fixtures import make_peft_adapter
 
@@ -170,13 +170,13 @@ def test_bad_input_exits_2_without_traceback(qwen_adapter, tiny_model, tmp_path)
 
 def test_meta_build_has_the_served_module_map(tiny_model):
     """``--model`` and ``merge`` plan on LMDeploy's model built on ``meta``: it must map like the real build."""
-    from lmdeploy_regex_lora.meta_model import build_meta_model
-    from lmdeploy_regex_lora.model_map import ModelMap
-    from lmdeploy_regex_lora.tiny_models import ARCHS, build_lmdeploy_model
+    from lmdeploy_regex_lora.serve.model_map import ModelMap
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.tiny_models import ARCHS
 
     for arch in ARCHS:
         folder = tiny_model(arch)
-        meta, _ = build_meta_model(folder)
+        meta = build_lmdeploy_model(folder, "meta")
         assert all(p.is_meta for p in meta.parameters()), arch
         real = ModelMap(build_lmdeploy_model(folder))
         assert ModelMap(meta).sites == real.sites, arch

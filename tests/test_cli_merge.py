@@ -178,7 +178,7 @@ def test_refusals_write_nothing(case, tiny_model, tmp_path):
 MEMORY_PROBE = textwrap.dedent('''
     import gc, json, sys, threading, time
     import psutil
-    from lmdeploy_regex_lora.merge import merge_checkpoint
+    from lmdeploy_regex_lora.merge.writer import merge_checkpoint
 
     warm_base, warm_adapter, base, adapter, out = sys.argv[1:6]
     merge_checkpoint(warm_base, warm_adapter, out + "-warm", progress=False)  # imports, LMDeploy's classes

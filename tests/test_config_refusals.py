@@ -21,15 +21,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lmdeploy_regex_lora.adapter_config import (
+from lmdeploy_regex_lora.errors import AdapterError
+from lmdeploy_regex_lora.serve.config import (
     HARMLESS_FIELDS,
     PARSED_FIELDS,
     REFUSED_FIELDS,
     parse_adapter_config,
     read_adapter_config,
 )
-from lmdeploy_regex_lora.errors import AdapterError
-from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 from tests.peft_fixtures import build_hf_module_tree, make_peft_adapter, merge_adapter_checkpoint
 from tests.peft_releases import RELEASES, wheel
 
@@ -146,7 +146,7 @@ def _served_equals_merged(base: Path, adapters: dict[int, tuple[Path, Path]]) ->
     """adapters: id -> (adapter folder, merged folder). Loads through the hooked add_adapters; compares."""
     from lmdeploy.pytorch.models import patch
 
-    from lmdeploy_regex_lora.verify import compare, load_models
+    from lmdeploy_regex_lora.testing.compare import compare, load_models
 
     base_model, merged = load_models(base, {aid: m for aid, (_, m) in adapters.items()})
     served = build_lmdeploy_model(base)
@@ -202,7 +202,7 @@ def test_pissa_raw_refused_converted_served_as_trained(tiny_model, tmp_path, plu
     from lmdeploy.pytorch.models import patch
     from peft import LoraConfig, get_peft_model
 
-    from lmdeploy_regex_lora.verify import compare, load_models
+    from lmdeploy_regex_lora.testing.compare import compare, load_models
 
     base = tiny_model("qwen2")
     tree = build_hf_module_tree(base)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmdeploy_regex_lora.verify import compare, load_models
+from lmdeploy_regex_lora.testing.compare import compare, load_models
 from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 QWEN_LEAVES = "v_proj|up_proj|o_proj|k_proj|down_proj|gate_proj|q_proj"
@@ -81,7 +81,7 @@ def test_plugin_equals_merged(case, tiny_model, tmp_path, plugin_installed):
         merged_dirs[i + 1] = merge_adapter_checkpoint(base_dir, adir, tmp_path / f"{name}-merged")
 
     base, merged = load_models(base_dir, merged_dirs)
-    from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 
     served = build_lmdeploy_model(base_dir)
     patch.add_adapters(served, adapters, dtype=torch.float32, device=torch.device("cpu"))

@@ -133,7 +133,7 @@ def assert_wrapped(result: dict[str, Any], overlay: Path) -> None:
     for name in ("patch", "agent"):
         info = result[name]
         assert info["ours"], f"{name}.add_adapters is {info['type']}, not our wrapper"
-        assert info["type"] == "lmdeploy_regex_lora.hook.AddAdaptersWrapper"
+        assert info["type"] == "lmdeploy_regex_lora.serve.hook.PluginWrapper"
         assert not info["inner_is_ours"], f"{name}.add_adapters is wrapped twice"
         assert info["inner_qualname"] == "add_adapters"
         assert info["inner_from_patch"], f"{name}: __wrapped__ is not LMDeploy's function: {info}"
@@ -160,7 +160,7 @@ def test_wheel_ships_pth_at_root_and_entry_point(wheel: Path) -> None:
         entry_points = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
         record = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/RECORD"))
     # the start-up module sits at the root, outside the package
-    assert "lmdeploy_regex_lora_boot.py" in names and "lmdeploy_regex_lora/hook.py" in names
+    assert "lmdeploy_regex_lora_boot.py" in names and "lmdeploy_regex_lora/serve/hook.py" in names
     assert "[lmdeploy.plugins]" in entry_points
     assert "regex_lora = lmdeploy_regex_lora:install" in entry_points
     assert any(line.startswith(PTH_NAME + ",") for line in record.splitlines())  # uninstall removes it
@@ -246,7 +246,7 @@ def test_pth_hooked_uninstall_restores_originals(overlay_python: Path, probe_dir
         import lmdeploy.pytorch.models.patch as patch
         import lmdeploy.pytorch.engine.model_agent.agent as agent
         import lmdeploy_regex_lora as plugin
-        from lmdeploy_regex_lora import hook
+        from lmdeploy_regex_lora.serve import hook
         wrapper = patch.add_adapters
         original = wrapper.__wrapped__
         assert hook.is_wrapper(wrapper) and agent.add_adapters is wrapper and plugin.is_installed()
@@ -270,7 +270,7 @@ def test_disabled_leaves_lmdeploy_untouched_and_logs_once(overlay_python: Path, 
         importlib.reload(patch)  # a third trigger: still only one log line
         assert type(agent.add_adapters).__name__ == "function", type(agent.add_adapters)
         assert type(patch.add_adapters).__name__ == "function", type(patch.add_adapters)
-        assert "lmdeploy_regex_lora.hook" not in sys.modules, "disabled must not even load the hook"
+        assert "lmdeploy_regex_lora.serve.hook" not in sys.modules, "disabled must not even load the hook"
         print("OK")
     """
     proc = run_python(overlay_python, code, probe_dir, LMDEPLOY_REGEX_LORA_DISABLE="1")
@@ -302,7 +302,7 @@ def test_unsupported_version_stands_aside_with_one_warning(wheel: Path, probe_di
     assert "OK" in proc.stdout
     lines = log_lines(proc)
     assert len(lines) == 1, lines
-    from lmdeploy_regex_lora.hook import SUPPORTED
+    from lmdeploy_regex_lora.serve.hook import SUPPORTED
 
     assert "0.10.0" in lines[0] and all(str(spec) in lines[0] for spec in SUPPORTED)
     assert "WARNING" in lines[0]
@@ -323,7 +323,8 @@ def test_pth_survives_missing_package(probe_dir: Path, tmp_path: Path) -> None:
 def lmdeploy_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any, Any]]:
     """(patch, agent, hook) in a known state: plugin uninstalled before and after the test."""
     monkeypatch.delenv("LMDEPLOY_REGEX_LORA_DISABLE", raising=False)
-    from lmdeploy_regex_lora import _bootstrap, hook
+    import lmdeploy_regex_lora_boot as _bootstrap
+    from lmdeploy_regex_lora.serve import hook
 
     monkeypatch.setattr(_bootstrap, "_warned", set())  # each test gets its own log-once budget
     hook.uninstall()
@@ -368,8 +369,8 @@ def test_uninstall_restores_agent_that_bound_the_wrapper(lmdeploy_modules: tuple
     patch.add_adapters = wrapper  # simulate: only patch was wrapped when agent ran its import
     agent.add_adapters = wrapper
     try:
-        hook._wrap_module(patch)
-        hook._wrap_module(agent)
+        hook.wrap_module(patch)
+        hook.wrap_module(agent)
         assert agent.add_adapters is wrapper and patch.add_adapters is wrapper
         hook.uninstall()
         assert patch.add_adapters is original and agent.add_adapters is original
@@ -384,7 +385,7 @@ def test_wrapper_calls_our_loader_with_lmdeploys_signature(
     run under inference mode like LMDeploy's own, and our return value passes through."""
     import torch
 
-    from lmdeploy_regex_lora import loader
+    from lmdeploy_regex_lora.serve import loader
 
     patch, agent, hook = lmdeploy_modules
     calls: list[tuple[Any, ...]] = []
@@ -415,7 +416,7 @@ def test_broken_loader_falls_back_to_lmdeploy(
     """If our loader cannot even be imported, LMDeploy's own function runs (with one warning)."""
     patch, _agent, hook = lmdeploy_modules
     assert hook.install() is True
-    monkeypatch.setitem(sys.modules, "lmdeploy_regex_lora.loader", None)  # import now raises
+    monkeypatch.setitem(sys.modules, "lmdeploy_regex_lora.serve.loader", None)  # import now raises
     with caplog.at_level(logging.WARNING, logger="lmdeploy.regex_lora"):
         assert patch.add_adapters(object(), {}) is None  # LMDeploy returns None for no adapters
         assert patch.add_adapters(object(), {}) is None
@@ -450,11 +451,12 @@ def test_finder_runs_callback_after_module_executes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The finder fires only once the module has fully run, hides its proxy, and swallows errors."""
-    from lmdeploy_regex_lora import _bootstrap, hook
+    import lmdeploy_regex_lora_boot as _bootstrap
+    from lmdeploy_regex_lora.serve import hook
 
     (tmp_path / "fake_lmdeploy_target.py").write_text("add_adapters = 'defined'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(_bootstrap, "TARGET_MODULES", ("fake_lmdeploy_target",))
+    monkeypatch.setattr(_bootstrap, "TARGET_MODULES", frozenset({"fake_lmdeploy_target"}))
     monkeypatch.setattr(_bootstrap, "_warned", set())
     seen: list[Any] = []
 

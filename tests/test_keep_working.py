@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmdeploy_regex_lora.verify import compare, linear_modules, load_models
+from lmdeploy_regex_lora.testing.compare import compare, linear_modules, load_models
 from tests._hostile import ModelState, RunsCode, live_payload_check, load
 from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
@@ -67,7 +67,7 @@ class Audit:
 @pytest.fixture(scope="module")
 def world(tiny_model, tmp_path_factory):
     """A real PEFT adapter, PEFT's merge of it, and LMDeploy models: base, merged, and one to serve from."""
-    from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 
     base_dir = tiny_model("qwen2")
     root = tmp_path_factory.mktemp("keep")

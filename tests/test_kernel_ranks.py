@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmdeploy_regex_lora.loader import resolve
-from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+from lmdeploy_regex_lora.serve.loader import resolve
+from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 from tests.interpreted import adapters_and_merges, run_interpreted
 
 # One adapter whose ranks differ per module (8 / 24 / 48 from rank_pattern, alpha per module too) and one of
@@ -28,7 +28,7 @@ def test_kernel_ranks_24_48_and_rank_pattern(tiny_model, tmp_path):
     base = tiny_model("qwen2")
     adapters, merged = adapters_and_merges(base, tmp_path, SPECS, seed=21)
 
-    plan, _, _ = resolve(build_lmdeploy_model(base), adapters)
+    plan = resolve(build_lmdeploy_model(base), adapters).plan
     ranks = {m.hf_name: m.rank for m in plan.adapters[0].modules}
     assert ranks == {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.self_attn.q_proj": 24,
                      "model.layers.0.self_attn.k_proj": 8, "model.layers.1.self_attn.k_proj": 8,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lmdeploy_regex_lora.errors import AdapterError
-from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
-from lmdeploy_regex_lora.verify import compare, load_models
+from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
+from lmdeploy_regex_lora.testing.compare import compare, load_models
 from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 INTERNVL = "internvl2_internlm2"

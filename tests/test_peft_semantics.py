@@ -31,10 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lmdeploy_regex_lora.adapter_config import parse_adapter_config, read_adapter_config
-from lmdeploy_regex_lora.adapter_weights import read_adapter_tensors
 from lmdeploy_regex_lora.errors import AdapterError
-from lmdeploy_regex_lora.matching import (
+from lmdeploy_regex_lora.serve.config import parse_adapter_config, read_adapter_config
+from lmdeploy_regex_lora.serve.matching import (
     PatternKeys,
     TargetMatcher,
     layer_index,
@@ -42,8 +41,9 @@ from lmdeploy_regex_lora.matching import (
     pattern_rule_for,
     resolve_targets,
 )
-from lmdeploy_regex_lora.model_map import ModelMap, unrename
-from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model
+from lmdeploy_regex_lora.serve.model_map import ModelMap, unrename
+from lmdeploy_regex_lora.serve.weights import read_adapter_tensors
+from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 from tests.config_gen import HypothesisChooser, SeededChooser, gen_config, pools_for
 from tests.peft_fixtures import build_hf_module_tree, make_peft_adapter, merge_adapter_checkpoint
 from tests.peft_releases import RELEASES, load_oracle
@@ -503,8 +503,8 @@ def test_served_equals_merged(case, tiny_model, tmp_path, plugin_installed):
     """Served through LMDeploy's (hooked) add_adapters == PEFT's merge_and_unload, module by module."""
     from lmdeploy.pytorch.models import patch
 
-    from lmdeploy_regex_lora.loader import resolve
-    from lmdeploy_regex_lora.verify import compare, load_models
+    from lmdeploy_regex_lora.serve.loader import resolve
+    from lmdeploy_regex_lora.testing.compare import compare, load_models
 
     arch, naming, specs = EQUIVALENCE[case]
     base_dir = tiny_model(arch)
@@ -515,7 +515,7 @@ def test_served_equals_merged(case, tiny_model, tmp_path, plugin_installed):
         merged_dirs[i + 1] = merge_adapter_checkpoint(base_dir, adir, tmp_path / f"a{i}-merged")
     base, merged = load_models(base_dir, merged_dirs)
     served = build_lmdeploy_model(base_dir)
-    plan, _, _ = resolve(served, adapters)
+    plan = resolve(served, adapters).plan
     patch.add_adapters(served, adapters, dtype=torch.float32, device=torch.device("cpu"))
     stats = compare(served, base, merged)
     assert stats["targeted"] >= 2, stats
@@ -591,7 +591,7 @@ def test_swift_forms_select_exactly_the_linears(form, env, tmp_path):
 def test_swift_v330_embedding_bug_is_refused(tiny_model, tmp_path):
     """swift v3.3.0's `\\bemb\\b` does not exclude tok_embeddings, so swift put LoRA on the embedding too
     (lora_embedding_A/B): refused by the tensors, naming the embedding."""
-    from lmdeploy_regex_lora.loader import resolve
+    from lmdeploy_regex_lora.serve.loader import resolve
 
     regex = (r"(?!^(mlp1))^(language_model)(?!.*\b(lora_A|lora_B|base_layer|emb|wte|shared|lm_head|output"
              r"|score|v_head|classifier)\b).*")
@@ -605,7 +605,7 @@ def test_swift_v330_embedding_bug_is_refused(tiny_model, tmp_path):
 # -- the plan is plain data with reasons -----------------------------------------------------------------
 
 def test_plan_says_why_each_module_matched(tiny_model, tmp_path):
-    from lmdeploy_regex_lora.loader import resolve
+    from lmdeploy_regex_lora.serve.loader import resolve
 
     base = tiny_model("qwen2")
     a = make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj", "down_proj"], r=8, lora_alpha=16,
@@ -613,7 +613,7 @@ def test_plan_says_why_each_module_matched(tiny_model, tmp_path):
     b = make_peft_adapter(base, tmp_path / "b", target_modules=r".*\.(v_proj|up_proj)", r=4, lora_alpha=8,
                           use_rslora=True, alpha_pattern={"up_proj": 2},
                           extra_config={"exclude_modules": r".*\.layers\.0\.mlp\..*", "peft_version": "0.16.0"})
-    plan, _, _ = resolve(build_lmdeploy_model(base), {"a": str(a), "b": str(b)})
+    plan = resolve(build_lmdeploy_model(base), {"a": str(a), "b": str(b)}).plan
     text = plan.render()
     data = json.loads(plan.to_json())
     by_name = {(ad["name"], m["hf_name"]): m for ad in data["adapters"] for m in ad["modules"]}

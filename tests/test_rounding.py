@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdeploy_regex_lora.rounding import decode, encode, finite_encoded
+from lmdeploy_regex_lora.merge.rounding import decode, encode, finite_encoded
 
 MANTISSA = {"F32": 23, "F16": 10, "BF16": 7}
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmdeploy_regex_lora import loader, slots
 from lmdeploy_regex_lora.errors import AdapterError
-from lmdeploy_regex_lora.meta_model import build_model
+from lmdeploy_regex_lora.serve import loader, slots
+from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 from tests.peft_fixtures import make_peft_adapter
 
 
@@ -38,19 +38,20 @@ def _setup(tiny_model, tmp_path):
         "a": str(make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj", "down_proj"], r=8, seed=1)),
         "b": str(make_peft_adapter(base, tmp_path / "b", target_modules=["q_proj"], r=4, seed=2)),
     }
-    model, _ = build_model(base, "cpu")
-    plan, resolved, layouts = loader._resolve(model, paths, {}, collect=False, check_values=False)
+    model = build_lmdeploy_model(base)
+    load = loader._resolve(model, paths, {}, collect=False, check_values=False)
     # Drop adapter a's tensors for one layer after planning: its rows in that slot get no copy.
-    ra = next(r for r in resolved if r.plan.name == "a")
+    ra = next(r for r in load.adapters if r.plan.name == "a")
     dropped = "model.layers.0.self_attn.q_proj"
     del ra.by_site[dropped]
-    return model, plan, resolved, layouts, dropped
+    return model, load, dropped
 
 
 @torch.inference_mode()
 def test_rows_without_a_copy_are_zero(tiny_model, tmp_path, garbage_empty):
-    model, plan, resolved, layouts, dropped = _setup(tiny_model, tmp_path)
-    slots.install_slots(model, plan.slots, resolved, layouts, dtype=torch.float32, device=torch.device("cpu"))
+    model, load, dropped = _setup(tiny_model, tmp_path)
+    plan, resolved = load.plan, load.adapters
+    slots.install_slots(model, load, dtype=torch.float32, device=torch.device("cpu"))
     slot = next(s for s in plan.slots if s.hf_name == dropped)
     lora = dict(model.named_modules())[slot.lmdeploy_module].lora_adapters[slot.slot]
     info = lora.adapter_info
@@ -71,7 +72,7 @@ def test_rows_without_a_copy_are_zero(tiny_model, tmp_path, garbage_empty):
 @torch.inference_mode()
 def test_without_the_zeroing_the_garbage_is_caught(tiny_model, tmp_path, garbage_empty, monkeypatch):
     """The control: with the zeroing switched off, the NaN rows reach the finiteness check and are refused."""
-    model, plan, resolved, layouts, _ = _setup(tiny_model, tmp_path)
+    model, load, _ = _setup(tiny_model, tmp_path)
     monkeypatch.setattr(slots, "_zero_unplaced", lambda *args: None)
     with pytest.raises(AdapterError, match="rows no adapter tensor was copied to"):
-        slots.install_slots(model, plan.slots, resolved, layouts, dtype=torch.float32, device=torch.device("cpu"))
+        slots.install_slots(model, load, dtype=torch.float32, device=torch.device("cpu"))

@@ -17,17 +17,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lmdeploy_regex_lora.tiny_models import (
+from lmdeploy_regex_lora.serve.slots import deinterleave_qkv_rows
+from lmdeploy_regex_lora.testing.build import build_lmdeploy_model, release_inference_tensors
+from lmdeploy_regex_lora.testing.tiny_models import (
     ARCHS,
     EMBEDDING_LEAVES,
+    HEAD_DIM,
     HEADS,
     KV_HEADS,
     VIT_HIDDEN,
-    build_lmdeploy_model,
     checkpoint_linear_names,
-    deinterleave_internlm2_wqkv,
     make_tiny_model,
-    release_inference_tensors,
 )
 from tests.peft_fixtures import NAMINGS, build_hf_module_tree, hf_name, make_peft_adapter, merge_adapter_checkpoint
 
@@ -68,7 +68,7 @@ def _expected(name: str, param: str, ckpt: dict[str, torch.Tensor]) -> torch.Ten
     """What LMDeploy's linear ``name`` should hold for ``param`` ('weight' / 'bias')."""
     parts = [ckpt[f"{m}.{param}"] for m in _constituents(name, ckpt)]
     if name.endswith("attention.wqkv"):  # InternLM2: HF rows (kv_head, group+2, d) -> [Q; K; V]
-        return deinterleave_internlm2_wqkv(parts[0], HEADS, KV_HEADS)
+        return deinterleave_qkv_rows(parts[0], KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
     return torch.cat(parts, dim=0)
 
 

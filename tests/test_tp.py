@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from lmdeploy_regex_lora.errors import AdapterError
-from lmdeploy_regex_lora.verify import compare, linear_modules, slot_delta
+from lmdeploy_regex_lora.testing.compare import compare, linear_modules, slot_delta
 from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_lmdeploys_own_lora_loader_cannot_place_replicated_kv(adapters_for, plug
     (the base loader's ``chunk_size = tp // num_replicate_kv_heads``); the plugin cuts it like the base."""
     from lmdeploy.pytorch.distributed import get_dist_manager
 
-    from lmdeploy_regex_lora.slots import shard_lora
+    from lmdeploy_regex_lora.serve.slots import shard_lora
 
     base_dir, adapters, _ = adapters_for("qwen2")
     served = build_rank(base_dir, 4, 3, adapters)

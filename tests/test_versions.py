@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from lmdeploy_regex_lora.hook import SUPPORTED
+from lmdeploy_regex_lora.serve.hook import SUPPORTED
 from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 from tests.venv_overlay import build_wheel, make_overlay_venv, site_packages
 

@@ -206,7 +206,7 @@ def main() -> int:
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         entry["lora"] = lora_digest(served)
         if spec["mode"] == "plugin" and "error" not in entry:
-            from lmdeploy_regex_lora.verify import compare
+            from lmdeploy_regex_lora.testing.compare import compare
 
             base = build(case["base"])
             merged = {int(k): build(v) for k, v in case["merged"].items()}

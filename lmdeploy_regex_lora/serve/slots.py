@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .adapter_weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, all_finite
-from .errors import AdapterError
+from ..errors import AdapterError, bug, where
 from .model_map import FOLDED, LM_HEAD
-from .plan import FoldPlan, ResolvedAdapter, SlotPlan
+from .plan import FoldPlan, ResolvedAdapter, ResolvedLoad, SlotPlan
+from .weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, all_finite
 
 
 def deinterleave_qkv_rows(b: torch.Tensor, num_kv_heads: int, q_per_kv: int, head_dim: int) -> torch.Tensor:
@@ -126,65 +126,58 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
     return mod, lora
 
 
-def install_slots(
-    model: torch.nn.Module,
-    slots: list[SlotPlan],
-    resolved: list[ResolvedAdapter],
-    interleaved: dict[str, tuple[int, int, int] | None],
-    dtype: torch.dtype,
-    device: torch.device,
-    folds: list[FoldPlan] = (),
-) -> None:
+def install_slots(model: torch.nn.Module, load: ResolvedLoad, dtype: torch.dtype, device: torch.device) -> None:
     """Create and fill every slot and folded weight off the model, then attach them.
 
     Errors before attaching leave the model untouched; the caller's snapshot undoes a partial attach.
     """
     modules = dict(model.named_modules())
+    slots = load.plan.slots
     for slot in slots:
-        existing = modules[slot.lmdeploy_module].lora_adapters
-        if slot.slot in existing:
+        if slot.slot in modules[slot.lmdeploy_module].lora_adapters:
             raise AdapterError(f"already has a LoRA slot {slot.slot!r}; adapters were loaded into this model "
                                "before.", module=slot.lmdeploy_module,
                                fix="load all adapters in one call (LMDeploy's --adapters a=... b=...).")
     staged = {}
     for slot in slots:
-        staged[slot.hf_name] = _build_slot(model, modules, slot, dtype, device)
+        with where(**load.slot_where(slot)):
+            staged[slot.hf_name] = _build_slot(model, modules, slot, dtype, device)
+    placed = _fill(load, staged, device)
+    _zero_unplaced(slots, staged, placed)
+    _refuse_non_finite(slots, staged, load.adapters, dtype)
+    folded = _stage_folds(modules, load.plan.folds, load.adapters)
+    if any(s.serving == LM_HEAD for s in slots):
+        from .steps import record_steps
+
+        record_steps(model.ctx_mgr)
+    for slot in slots:
+        with where(**load.slot_where(slot)):
+            mod, lora = staged[slot.hf_name]
+            mod.lora_adapters[slot.slot] = lora
+    for weight, new in folded:
+        weight.data.copy_(new)
+
+
+def _fill(load: ResolvedLoad, staged: dict, device: torch.device) -> set[tuple[str, int]]:
+    """Copy every adapter's A and B into its rows of the staged slots; returns the (site, adapter id) filled."""
     placed: set[tuple[str, int]] = set()
-    for ra in resolved:
+    for ra in load.adapters:
         aid = ra.plan.adapter_id
-        for site_name, (mplan, pair) in ra.by_site.items():
-            if mplan.serving == FOLDED:
+        for site_name, (module_plan, pair) in ra.by_site.items():
+            if module_plan.serving == FOLDED:
                 continue
-            try:
+            with where(adapter=ra.plan.name, file=ra.plan.weights_file, module=module_plan.hf_name):
                 # Device only: ``copy_`` into the slot converts to its dtype, a second pass would not help.
                 a = pair.a.to(device=device)
                 b = pair.b.to(device=device)
-                layout = interleaved.get(site_name)
+                layout = load.sites[site_name].interleaved_qkv
                 if layout is not None:
                     b = deinterleave_qkv_rows(b, *layout)
                 mod, lora = staged[site_name]
                 cols = lora.adapter_info.base_slice
                 _place(lora, aid, *shard_lora(mod, (cols.start, cols.stop), a, b))
                 placed.add((site_name, aid))
-            except AdapterError:
-                raise
-            except Exception as exc:
-                raise AdapterError(f"placing its LoRA weights failed ({type(exc).__name__}: {exc}).",
-                                   adapter=ra.plan.name, file=ra.plan.weights_file, module=mplan.hf_name,
-                                   fix="this is a bug in lmdeploy-regex-lora; please report it with the "
-                                       "adapter_config.json.") from exc
-    _zero_unplaced(slots, staged, placed)
-    _refuse_non_finite(slots, staged, resolved, dtype)
-    folded = _stage_folds(modules, folds, resolved)
-    if any(s.serving == LM_HEAD for s in slots):
-        from .lm_head import install_step_recorder
-
-        install_step_recorder(model.ctx_mgr)
-    for slot in slots:
-        mod, lora = staged[slot.hf_name]
-        mod.lora_adapters[slot.slot] = lora
-    for weight, new in folded:
-        weight.data.copy_(new)
+    return placed
 
 
 def _zero_unplaced(slots: list[SlotPlan], staged: dict, placed: set[tuple[str, int]]) -> None:
@@ -229,9 +222,7 @@ def _refuse_non_finite(slots: list[SlotPlan], staged: dict, resolved: list[Resol
                 if not all_finite(rows):
                     _raise_non_finite(ra, mplan.hf_name, key, source, dtype)
         # No adapter's rows explain it: never attach a slot that would serve NaN or Inf.
-        raise AdapterError("its LoRA slot holds NaN or Inf in rows no adapter tensor was copied to.",
-                           module=slot.hf_name, fix="this is a bug in lmdeploy-regex-lora; please report it with "
-                                                   "the adapters' adapter_config.json files.")
+        raise bug("its LoRA slot holds NaN or Inf in rows no adapter tensor was copied to.", module=slot.hf_name)
     for ra in resolved:
         for mplan, pair in ra.by_site.values():
             if mplan.serving == FOLDED:
@@ -259,21 +250,22 @@ def _stage_folds(modules: dict, folds: list[FoldPlan], resolved: list[ResolvedAd
     staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for fold in folds:
         ra = by_id[fold.adapter_id]
-        mplan, pair = ra.by_site[fold.hf_name]
-        mod = modules[fold.lmdeploy_module]
-        weight = mod.weight
-        start, stop = fold.base_slice
-        a, b = shard_lora(mod, (start, stop), pair.a, pair.b)  # this TP rank's part, cut like the base weight
-        out_f, in_f = b.shape[0], a.shape[1]
-        if weight.dim() != 2 or weight.shape[1] != in_f or stop - start != out_f or stop > weight.shape[0]:
-            raise AdapterError(
-                f"cannot fold its delta into {fold.lmdeploy_module}: the served weight is {tuple(weight.shape)} "
-                f"(split across tensor-parallel ranks?), the adapter's layer is {out_f}x{in_f} at rows "
-                f"{start}:{stop}.", adapter=ra.plan.name, file=ra.plan.weights_file,
-                module=mplan.hf_name, fix="serve with tp=1, or merge the adapter into the base model.")
-        delta = fold.scaling * (b.to(weight.device, torch.float64) @ a.to(weight.device, torch.float64))
-        if fold.lmdeploy_module not in staged:  # packed layers (gate/up) fold several deltas into one weight
-            staged[fold.lmdeploy_module] = (weight, weight.detach().clone())
-        new = staged[fold.lmdeploy_module][1]
-        new[start:stop] = (weight.detach()[start:stop].to(torch.float64) + delta).to(weight.dtype)
+        with where(adapter=ra.plan.name, file=ra.plan.weights_file, module=fold.hf_name):
+            pair = ra.by_site[fold.hf_name][1]
+            weight = modules[fold.lmdeploy_module].weight
+            start, stop = fold.base_slice
+            # This TP rank's part, cut like the base weight.
+            a, b = shard_lora(modules[fold.lmdeploy_module], (start, stop), pair.a, pair.b)
+            out_f, in_f = b.shape[0], a.shape[1]
+            if weight.dim() != 2 or weight.shape[1] != in_f or stop - start != out_f or stop > weight.shape[0]:
+                raise AdapterError(
+                    f"cannot fold its delta into {fold.lmdeploy_module}: the served weight is {tuple(weight.shape)} "
+                    f"(split across tensor-parallel ranks?), the adapter's layer is {out_f}x{in_f} at rows "
+                    f"{start}:{stop}.", adapter=ra.plan.name, file=ra.plan.weights_file,
+                    module=fold.hf_name, fix="serve with tp=1, or merge the adapter into the base model.")
+            delta = fold.scaling * (b.to(weight.device, torch.float64) @ a.to(weight.device, torch.float64))
+            if fold.lmdeploy_module not in staged:  # packed layers (gate/up) fold several deltas into one weight
+                staged[fold.lmdeploy_module] = (weight, weight.detach().clone())
+            new = staged[fold.lmdeploy_module][1]
+            new[start:stop] = (weight.detach()[start:stop].to(torch.float64) + delta).to(weight.dtype)
     return list(staged.values())

@@ -2,14 +2,12 @@
 
 The model is built by LMDeploy on CPU (its own classes and weight loaders), the adapters are loaded
 through LMDeploy's ``add_adapters`` with the plugin in place, and every adapter's merged checkpoint
-(written by :mod:`.merge`, or given with ``--against``) is loaded natively by LMDeploy. Then, for every
-LMDeploy linear and every adapter, what the plugin applies (base weight plus ``scaling * B @ A`` from
-its LoRA slots, or the folded weight) must equal the merged weight.
-
-The tolerance is :data:`verify.ATOL` relative to the delta (float32 rounding, as
-:func:`verify.compare` uses) plus half a unit in the last place of the checkpoint's dtype at the merged
-weight: a bfloat16 checkpoint can only hold the merged weight rounded to bfloat16. Layers no adapter
-touches must be bit-identical.
+(written by :mod:`lmdeploy_regex_lora.merge`, or given with ``--against``) is loaded natively by LMDeploy.
+Then, for every LMDeploy linear and every adapter, what the plugin applies (base weight plus
+``scaling * B @ A`` from its LoRA slots, or the folded weight) must equal the merged weight: the one
+comparison of :mod:`lmdeploy_regex_lora.testing.compare`, with half a unit in the last place of the merged
+checkpoint's dtype allowed on top (a bfloat16 checkpoint can only hold the merged weight rounded to
+bfloat16). Layers no adapter touches must be bit-identical.
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ import os
 import shutil
 import tempfile
 
-from . import cli_common as cc
-from .errors import AdapterError
+from ..errors import AdapterError
+from . import common as cc
 
 DESCRIPTION = """\
 Load ADAPTERs into LMDeploy's model for BASE through the plugin (on CPU, float32) and compare what
@@ -36,10 +34,6 @@ Exit status: 0 everything matches; 1 a mismatch (or the plugin is not active her
 cannot be used (message on stderr).
 """
 
-#: Significand bits (with the implicit one) of the checkpoint dtypes, for the rounding allowance.
-_PRECISION = {"F64": 53, "F32": 24, "F16": 11, "BF16": 8}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", metavar="BASE", help="base model folder")
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter folder, as NAME=PATH or PATH")
@@ -51,62 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_precision(folder: str) -> int:
     """Fewest significand bits among the floating point weights of a safetensors checkpoint."""
-    from .merge import checkpoint_shards, read_shard_header
+    from ..merge.planner import checkpoint_shards, read_shard_header
+    from ..safetensors_io import DTYPES
 
     shards, _ = checkpoint_shards(folder)
-    bits = [_PRECISION[e["dtype"]] for s in shards
+    bits = [DTYPES[e.dtype].significand_bits for s in shards
             for k, e in read_shard_header(os.path.join(folder, s)).entries.items()
-            if k.endswith(".weight") and e["dtype"] in _PRECISION]
+            if k.endswith(".weight") and DTYPES.get(e.dtype) and DTYPES[e.dtype].significand_bits]
     return min(bits) if bits else 24
-
-
-def compare_adapter(served, base, merged, adapter_id: int, folds: dict[str, int], precision: int) -> list[dict]:
-    """One row per LMDeploy linear: kind, largest error, the allowance at that element, and the verdict.
-
-    ``allowed`` is 0.0 where the weights must be identical and None for a layer another adapter folded
-    (its ``max_err`` is then that fold's size, which this adapter's requests see too).
-    """
-    import torch
-
-    from .verify import ATOL, dense_weight, linear_modules, slot_delta
-
-    served_lin, base_lin, merged_lin = linear_modules(served), linear_modules(base), linear_modules(merged)
-    if not served_lin.keys() == base_lin.keys() == merged_lin.keys():
-        raise AdapterError("the served, base and merged models do not have the same linear layers.",
-                           fix="compare a merge of this base model.")
-    rows = []
-    for name, mod in served_lin.items():
-        w_base, w_merged = dense_weight(base_lin[name]), dense_weight(merged_lin[name])
-        ref = w_merged - w_base
-        if name in folds:
-            kind = "folded"
-            got = dense_weight(mod) - w_base
-            if folds[name] != adapter_id and not torch.any(ref):
-                # Another adapter's delta, folded for every request (LMDeploy cannot pick per request on
-                # vision/projector rows): this adapter's requests see it too. Reported, not a mismatch.
-                rows.append(_row(name, "folded by another adapter", float(got.abs().max()), None, True))
-                continue
-        else:
-            if not torch.equal(mod.weight, base_lin[name].weight):
-                rows.append(_row(name, "base weight changed", float((dense_weight(mod) - w_base).abs().max()), 0.0,
-                                 False))
-                continue
-            got = slot_delta(mod, adapter_id)
-            kind = "lora" if torch.any(got) else "untouched"
-        if kind == "untouched":
-            err = float(ref.abs().max())
-            rows.append(_row(name, kind, err, 0.0, err == 0.0))  # bytes copied: must be identical
-            continue
-        diff = (got - ref).abs()
-        allowed = ATOL * max(1.0, float(ref.abs().max())) + w_merged.abs() * 2.0 ** -precision
-        worst = int(torch.argmax(diff / allowed))
-        err, bound = float(diff.flatten()[worst]), float(allowed.flatten()[worst])
-        rows.append(_row(name, kind, float(diff.max()), bound, err <= bound))
-    return rows
-
-
-def _row(module: str, kind: str, err: float, allowed: float | None, ok: bool) -> dict:
-    return {"module": module, "kind": kind, "max_err": err, "allowed": allowed, "ok": ok}
 
 
 def _release(model) -> None:
@@ -122,10 +68,10 @@ def verify(base: str, adapters: dict[str, str], against: dict[str, str], keep: s
 
     import lmdeploy_regex_lora
 
-    from . import hook
-    from .merge import merge_checkpoint
-    from .meta_model import build_model
-    from .verify import Mismatch, check_slot_zero
+    from ..merge.writer import merge_checkpoint
+    from ..serve import hook
+    from ..testing.build import build_lmdeploy_model
+    from ..testing.compare import Mismatch, check_slot_zero, compare_adapter
 
     unknown = sorted(set(against) - set(adapters))
     if unknown:
@@ -135,12 +81,12 @@ def verify(base: str, adapters: dict[str, str], against: dict[str, str], keep: s
                     "adapters": [], "error": None}
     os.environ.pop("LMDEPLOY_REGEX_LORA_ON_ERROR", None)  # verify checks every adapter: a bad one must fail
     if not lmdeploy_regex_lora.install():
-        report["error"] = (hook._stand_aside_reason() or "the plugin stood aside") + \
+        report["error"] = (hook.stand_aside_reason() or "the plugin stood aside") + \
             "; run `lmdeploy-regex-lora doctor`"
         return report
     from lmdeploy.pytorch.models import patch
 
-    served, _ = build_model(base, "cpu")
+    served = build_lmdeploy_model(base)
     # The loader logs the whole plan at INFO; `inspect` prints it, here it would bury the comparison.
     logging.getLogger("lmdeploy.regex_lora").setLevel(logging.WARNING)
     plan = patch.add_adapters(served, adapters, dtype=torch.float32, device=torch.device("cpu"))
@@ -152,8 +98,8 @@ def verify(base: str, adapters: dict[str, str], against: dict[str, str], keep: s
         report["slots"] = check_slot_zero(served)
     except Mismatch as exc:
         report["error"] = f"'no adapter' (id 0) is not zero: {exc}"
-    folds = {f.lmdeploy_module: f.adapter_id for f in getattr(plan, "folds", [])}
-    base_model, _ = build_model(base, "cpu")
+    folded = {f.lmdeploy_module for f in getattr(plan, "folds", [])}
+    base_model = build_lmdeploy_model(base)
     work = keep or tempfile.mkdtemp(prefix="lmdeploy-regex-lora-verify-")
     try:
         for a in plan.adapters:
@@ -163,9 +109,12 @@ def verify(base: str, adapters: dict[str, str], against: dict[str, str], keep: s
             else:
                 entry["merged"] = merge_checkpoint(base, a.path, os.path.join(work, a.name), name=a.name,
                                                    progress=False)["out"]
-            merged, _ = build_model(entry["merged"], "cpu")
-            entry["rows"] = compare_adapter(served, base_model, merged, a.adapter_id, folds,
-                                            checkpoint_precision(entry["merged"]))
+            merged = build_lmdeploy_model(entry["merged"])
+            try:
+                entry["rows"] = compare_adapter(served, base_model, merged, a.adapter_id, folded,
+                                                checkpoint_precision(entry["merged"]))
+            except Mismatch as exc:  # not the same architecture: there is nothing to compare module by module
+                raise AdapterError(f"{exc}.", file=entry["merged"], fix="compare a merge of this base model.") from None
             _release(merged)
             entry["ok"] = all(r["ok"] for r in entry["rows"])
             report["adapters"].append(entry)
@@ -220,8 +169,5 @@ def run(args: argparse.Namespace) -> int:
                                fix="write --against NAME=DIR with the adapter's name.")
         against[name] = path
     report = verify(args.base, adapters, against, args.keep)
-    if args.json:
-        cc.print_json(report)
-    else:
-        cc.emit(render(report))
+    cc.show(report, render, args.json)
     return cc.OK if report["ok"] else cc.FAILED

@@ -23,21 +23,19 @@ was working on, with the original chained.
 
 from __future__ import annotations
 
-import linecache
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 
 import torch
 
-from .adapter_config import read_adapter_config
-from .adapter_weights import read_adapter_tensors
-from .errors import AdapterError, unexpected
+from ..errors import AdapterError, stage, where
+from .config import read_adapter_config
 from .model_map import ModelMap
-from .plan import AdapterPlan, LoadPlan, ResolvedAdapter, build_folds, build_slots, resolve_adapter
+from .plan import AdapterPlan, LoadPlan, ResolvedAdapter, ResolvedLoad, build_folds, build_slots, resolve_adapter
 from .slots import install_slots
+from .weights import read_adapter_tensors
 
 logger = logging.getLogger("lmdeploy.regex_lora")
 
@@ -84,7 +82,7 @@ def _skipped_placeholder(name: str, adapter_id: int, path: str, err: AdapterErro
 
 
 def _resolve(model: torch.nn.Module, paths: dict[str, str], skipped: dict[str, AdapterError],
-             collect: bool, check_values: bool = True) -> tuple[LoadPlan, list, dict]:
+             collect: bool, check_values: bool = True) -> ResolvedLoad:
     """``check_values=False`` when the caller installs the slots, which checks NaN/Inf on the filled slots."""
     model_map = ModelMap(model)
     resolved: list[ResolvedAdapter] = []
@@ -92,33 +90,26 @@ def _resolve(model: torch.nn.Module, paths: dict[str, str], skipped: dict[str, A
         path = paths[name]
         if name not in skipped:
             try:
-                cfg = read_adapter_config(name, path)
-                tensors = read_adapter_tensors(name, path, check_values=check_values)
-                resolved.append(resolve_adapter(cfg, tensors, adapter_id, model_map))
+                with stage("reading and matching the adapter"), where(adapter=name, file=path):
+                    cfg = read_adapter_config(name, path)
+                    tensors = read_adapter_tensors(name, path, check_values=check_values)
+                    resolved.append(resolve_adapter(cfg, tensors, adapter_id, model_map))
                 continue
-            except Exception as exc:
-                err = exc if isinstance(exc, AdapterError) else _wrap(exc, "reading and matching the adapter",
-                                                                       adapter=name, file=path)
+            except AdapterError as err:
                 if not collect:
-                    if err is exc:
-                        raise
-                    raise err from exc
+                    raise
                 skipped[name] = err
                 _log_skipped(name, adapter_id, err)
         resolved.append(_skipped_placeholder(name, adapter_id, path, skipped[name]))
-    try:
+    with stage("planning the LoRA slots"):
         slots = build_slots(resolved, model_map)
         folds = build_folds(resolved, model_map)
-    except AdapterError:
-        raise
-    except Exception as exc:
-        raise _wrap(exc, "planning the LoRA slots") from exc
-    layouts = {name: site.interleaved_qkv for name, site in model_map.sites.items() if site.interleaved_qkv}
-    return LoadPlan(adapters=[r.plan for r in resolved], slots=slots, folds=folds), resolved, layouts
+    plan = LoadPlan(adapters=[r.plan for r in resolved], slots=slots, folds=folds)
+    return ResolvedLoad(plan=plan, adapters=resolved, sites=model_map.sites)
 
 
-def resolve(model: torch.nn.Module, adapters: Mapping[str, str | os.PathLike]) -> tuple[LoadPlan, list, dict]:
-    """Read and match every adapter against the model; touches nothing. Returns (plan, resolved, layouts)."""
+def resolve(model: torch.nn.Module, adapters: Mapping[str, str | os.PathLike]) -> ResolvedLoad:
+    """Read and match every adapter against the model; touches nothing."""
     return _resolve(_unwrap(model), _checked_paths(adapters), {}, collect=False)
 
 
@@ -126,50 +117,6 @@ def _log_skipped(name: str, adapter_id: int, err: AdapterError) -> None:
     logger.error("adapter %r (id %d) is NOT served: %s=skip left it out. Requests naming %r get the BASE MODEL's "
                  "outputs (rank 0 in every LoRA slot), not the adapter's; the other adapters keep their ids. "
                  "Reason: %s", name, adapter_id, ENV_ON_ERROR, name, err)
-
-
-# -- unexpected failures ------------------------------------------------------------------------------
-
-_PLAN_LOCALS = ("mplan", "fold", "slot")  # ModulePlan, FoldPlan, SlotPlan: what the plugin's loops work on
-
-
-def _locate(exc: BaseException, plan: LoadPlan | None = None) -> tuple[str | None, str | None]:
-    """(adapter, module) the plugin was working on when ``exc`` was raised, from its own frames' locals.
-
-    A finished loop leaves its variable behind, so a name used on the failing line wins over the rest.
-    """
-    names = {a.adapter_id: a.name for a in plan.adapters} if plan is not None else {}
-    adapter = module = None
-    tb = exc.__traceback__
-    while tb is not None:  # outermost to innermost: the innermost hit wins
-        frame = tb.tb_frame
-        if frame.f_globals.get("__name__", "").startswith(__package__ or "lmdeploy_regex_lora"):
-            loc = frame.f_locals
-            on_line = set(re.findall(r"\w+", linecache.getline(frame.f_code.co_filename, tb.tb_lineno)))
-            for key in sorted(_PLAN_LOCALS, key=lambda k: k not in on_line):
-                obj = loc.get(key)
-                if not isinstance(getattr(obj, "hf_name", None), str):
-                    continue
-                module = obj.hf_name
-                if key == "slot":  # shared by every adapter with a rank there
-                    adapter = ", ".join(names.get(i, str(i)) for i, r in enumerate(obj.ranks) if r) or None
-                elif key == "fold":
-                    adapter = obj.adapter
-                else:  # a ModulePlan belongs to the adapter of the same loop iteration
-                    ra_name = getattr(getattr(loc.get("ra"), "plan", None), "name", None)
-                    adapter = ra_name if isinstance(ra_name, str) else adapter
-                break
-        tb = tb.tb_next
-    return adapter, module
-
-
-def _wrap(exc: BaseException, stage: str, plan: LoadPlan | None = None, adapter: str | None = None,
-          file: str | None = None) -> AdapterError:
-    found_adapter, module = _locate(exc, plan)
-    adapter = found_adapter or adapter
-    if file is None and plan is not None:  # the weights file of the one adapter concerned, when there is one
-        file = next((a.weights_file for a in plan.adapters if a.name == adapter and a.weights_file), None)
-    return unexpected(exc, stage, adapter=adapter, file=file, module=module)
 
 
 # -- installing with rollback -------------------------------------------------------------------------
@@ -207,16 +154,14 @@ class _Snapshot:
             attrs.update(self.ctx_attrs)
 
 
-def _install(model: torch.nn.Module, plan: LoadPlan, resolved: list, layouts: dict, dtype: torch.dtype,
-             device: torch.device) -> None:
-    snapshot = _Snapshot(model, plan)
+def _install(model: torch.nn.Module, load: ResolvedLoad, dtype: torch.dtype, device: torch.device) -> None:
+    snapshot = _Snapshot(model, load.plan)
     try:
-        install_slots(model, plan.slots, resolved, layouts, dtype=dtype, device=device, folds=plan.folds)
-    except BaseException as exc:
+        with stage("filling the LoRA slots"):
+            install_slots(model, load, dtype=dtype, device=device)
+    except BaseException:
         snapshot.restore(model)
-        if isinstance(exc, AdapterError) or not isinstance(exc, Exception):
-            raise
-        raise _wrap(exc, "filling the LoRA slots", plan) from exc
+        raise
 
 
 @torch.inference_mode()
@@ -238,8 +183,8 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
     ids = {name: i for i, name in enumerate(sorted(paths), start=1)}
     while True:
         try:
-            plan, resolved, layouts = _resolve(model, paths, skipped, collect=skip, check_values=False)
-            _install(model, plan, resolved, layouts, dtype, torch.device(device))
+            load = _resolve(model, paths, skipped, collect=skip, check_values=False)
+            _install(model, load, dtype, torch.device(device))
             break
         except AdapterError as err:
             # Slot planning or filling failed for one adapter: leave it out too and plan again.
@@ -247,6 +192,7 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
                 raise
             skipped[err.adapter] = err
             _log_skipped(err.adapter, ids[err.adapter], err)
+    plan = load.plan
     if plan.folds:
         counts: dict[str, int] = {}
         for f in plan.folds:

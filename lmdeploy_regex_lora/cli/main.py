@@ -13,12 +13,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .. import __version__
 
 # subcommand -> (module implementing it, one-line help). Each module has DESCRIPTION, add_arguments, run.
 COMMANDS = {
-    "inspect": ("inspect_cmd", "show what adapters will change, from their config and safetensors header only"),
-    "verify": ("verify_cmd", "load adapters through the plugin and compare with merged checkpoints"),
+    "inspect": ("inspect", "show what adapters will change, from their config and safetensors header only"),
+    "verify": ("verify", "load adapters through the plugin and compare with merged checkpoints"),
     "merge": ("merge", "write the base model with one adapter merged in, shard by shard"),
     "doctor": ("doctor", "report versions and whether the plugin's hook is active in a fresh interpreter"),
 }
@@ -56,21 +56,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     module = importlib.import_module(f".{COMMANDS[args.command][0]}", __package__)
-    from . import cli_common
-    from .errors import AdapterError
+    from ..errors import AdapterError
+    from . import common
 
     # Our tables and JSON own stdout; anything else that prints there (LMDeploy's logger) goes to stderr.
     real_stdout = sys.stdout
-    cli_common.set_output(real_stdout)
+    common.set_output(real_stdout)
     sys.stdout = sys.stderr
     try:
         return int(module.run(args))
     except AdapterError as err:
-        return cli_common.report_error(err)
+        return common.report_error(err)
     finally:
         sys.stdout = real_stdout
-        cli_common.set_output(None)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        common.set_output(None)

@@ -12,20 +12,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
-from .errors import AdapterError
+from ..errors import AdapterError
 
 if TYPE_CHECKING:  # only ModelMap needs torch; CheckpointMap (merge) must not import it
     import torch
 
-PER_REQUEST = "per-request"
-LM_HEAD = "lm-head"
-NON_TOKEN = "non-token-rows"
-PLAIN_LINEAR = "plain-linear"
-#: How a module on non-token rows (vision tower, projector) is served: its delta is folded into the
-#: base weight at load time, so every request sees it (see plan.build_folds).
-FOLDED = "folded"
+
+class Serving(str, Enum):
+    """How a linear layer takes LoRA. A ``str`` enum: plans and JSON keep the plain names."""
+
+    PER_REQUEST = "per-request"  # a LoRA slot on token rows: each sequence's own adapter
+    LM_HEAD = "lm-head"  # a slot that maps logits rows to sequences itself (lm_head.RowLoRA)
+    NON_TOKEN = "non-token-rows"  # a layer on vision/projector rows (a site's kind, not a way to serve)
+    PLAIN_LINEAR = "plain-linear"  # a torch.nn.Linear: LMDeploy has no LoRA slot on it
+    #: The delta is folded into the base weight at load time, so every request sees it (plan.build_folds).
+    FOLDED = "folded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PER_REQUEST, LM_HEAD, NON_TOKEN, PLAIN_LINEAR, FOLDED = (
+    Serving.PER_REQUEST, Serving.LM_HEAD, Serving.NON_TOKEN, Serving.PLAIN_LINEAR, Serving.FOLDED)
 
 # Model classes (LMDeploy's) whose fused ``wqkv`` stores rows interleaved per KV head in the
 # checkpoint: (kv_head, q_per_kv + 2, head_dim). LMDeploy's own LoRA loader for InternLM2 reorders
@@ -67,7 +78,7 @@ class Site:
     in_features: int  # unsharded (the adapter's lora_A/lora_B sizes), see unsharded_sizes
     out_features: int
     base_slice: tuple[int, int]  # this TP rank's rows of the LMDeploy weight
-    serving: str
+    serving: Serving
     #: (num_kv_heads, q_heads_per_kv, head_dim) when lora_B rows must be de-interleaved.
     interleaved_qkv: tuple[int, int, int] | None = None
     lora_capable: bool = True
@@ -215,48 +226,58 @@ class ModelMap:
             param = self._params.get(f"{self.sites[name].lmdeploy_module}.weight")
         return param
 
-    # -- naming ---------------------------------------------------------------------------------------
     def choose_scheme(self, adapter: str, file: str, tensor_modules: list[str]) -> tuple[str, tuple]:
-        """Pick the naming scheme under which every tensor of the adapter names a linear layer of the model."""
-        best = None
-        for label, rules in NAMING_SCHEMES:
-            missing = [m for m in tensor_modules if rename(m, rules) not in self.sites]
-            if not missing:
-                return label, rules
-            if best is None or len(missing) < len(best[2]):
-                best = (label, rules, missing)
-        assert best is not None
-        label, rules, missing = best
-        sample = ", ".join(repr(m) for m in missing[:3])
-        raise AdapterError(
-            f"{len(missing)} of its {len(tensor_modules)} LoRA tensors name modules this model does not have as "
-            f"linear layers (e.g. {sample}; closest naming: {label}).",
-            adapter=adapter, file=file, module=missing[0],
-            fix="check that the adapter was trained on this base model; an adapter for another architecture or "
-                "size cannot be served on it.")
+        return choose_scheme(self.sites, adapter, file, tensor_modules)
 
 
-class CheckpointMap(ModelMap):
+def choose_scheme(sites: Mapping[str, Site], adapter: str, file: str, tensor_modules: list[str]
+                  ) -> tuple[str, tuple]:
+    """Pick the naming scheme under which every tensor of the adapter names a linear layer of the model."""
+    best = None
+    for label, rules in NAMING_SCHEMES:
+        missing = [m for m in tensor_modules if rename(m, rules) not in sites]
+        if not missing:
+            return label, rules
+        if best is None or len(missing) < len(best[2]):
+            best = (label, rules, missing)
+    label, rules, missing = best
+    sample = ", ".join(repr(m) for m in missing[:3])
+    raise AdapterError(
+        f"{len(missing)} of its {len(tensor_modules)} LoRA tensors name modules this model does not have as "
+        f"linear layers (e.g. {sample}; closest naming: {label}).",
+        adapter=adapter, file=file, module=missing[0],
+        fix="check that the adapter was trained on this base model; an adapter for another architecture or "
+            "size cannot be served on it.")
+
+
+class CheckpointMap:
     """The linear layers of a checkpoint as its safetensors headers list them, for ``merge``.
 
     A merge writes checkpoint tensors, so its sites are the checkpoint's own: every 2-D
     ``<module>.weight`` (``merge`` refuses a quantized one by name) under the checkpoint's name,
     with its full (out, in) shape, in the checkpoint's row order (InternLM2's interleaved ``wqkv``
-    included: the adapter was trained on that order). Naming schemes, matching and every check of
-    the adapter are :class:`ModelMap`'s; neither LMDeploy nor torch is needed, which keeps the
-    merging process small.
+    included: the adapter was trained on that order). It offers what :func:`~.plan.resolve_adapter`
+    asks of a :class:`ModelMap` (sites, modules, naming, base weights), so naming, matching and every
+    check of the adapter are serving's; neither LMDeploy nor torch is needed.
     """
 
-    def __init__(self, weights: Mapping[str, list[int]]) -> None:  # no super().__init__: there is no model
-        self.model = None
-        self.modules = {}
-        self.sites = {}
+    def __init__(self, sites: dict[str, Site]) -> None:
+        self.sites = sites
+        self.modules: dict = {}  # no LMDeploy modules: nothing is tensor-parallel here
+
+    @classmethod
+    def from_shapes(cls, weights: Mapping[str, tuple[int, ...] | list[int]]) -> CheckpointMap:
+        sites = {}
         for key, shape in weights.items():
             if key.endswith(".weight") and len(shape) == 2:
                 name = key[: -len(".weight")]
-                self.sites[name] = Site(name, name, name.rsplit(".", 1)[-1], int(shape[1]), int(shape[0]),
-                                        (0, int(shape[0])), PER_REQUEST)
+                sites[name] = Site(name, name, name.rsplit(".", 1)[-1], int(shape[1]), int(shape[0]),
+                                   (0, int(shape[0])), PER_REQUEST)
+        return cls(sites)
 
     def base_weight(self, name: str) -> None:
         """Base copies are compared by ``merge`` against the shard bytes themselves."""
         return None
+
+    def choose_scheme(self, adapter: str, file: str, tensor_modules: list[str]) -> tuple[str, tuple]:
+        return choose_scheme(self.sites, adapter, file, tensor_modules)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import AdapterError
+from ..errors import AdapterError
 
 #: Exit codes of every subcommand.
 OK = 0
@@ -153,6 +153,14 @@ def emit(text: str) -> None:
 
 def print_json(obj: object) -> None:
     emit(json.dumps(obj, indent=2, default=str))
+
+
+def show(report: dict, render, as_json: bool) -> None:
+    """A command's report: JSON, or the command's table."""
+    if as_json:
+        print_json(report)
+    else:
+        emit(render(report))
 
 
 def report_error(err: AdapterError) -> int:

@@ -26,10 +26,12 @@ import json
 import logging
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import AdapterError
+from ..errors import AdapterError, Blame
+from ..safetensors_io import os_error, read_header, read_regular_file
 
 logger = logging.getLogger("lmdeploy.regex_lora")
 
@@ -113,11 +115,7 @@ class AdapterConfig:
         return repr(t) if isinstance(t, str) else "[" + ", ".join(t or ()) + "]"
 
 
-def _err(cfg_name: str, file: str, fieldname: str | None, problem: str, fix: str) -> AdapterError:
-    return AdapterError(problem, adapter=cfg_name, file=file, field=fieldname, fix=fix)
-
-
-def _str_or_list(name: str, file: str, key: str, value: Any) -> str | tuple[str, ...] | None:
+def _str_or_list(bad: Blame, key: str, value: Any) -> str | tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -125,179 +123,169 @@ def _str_or_list(name: str, file: str, key: str, value: Any) -> str | tuple[str,
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         # PEFT turns the list into a set; order never matters for matching.
         return tuple(sorted(set(value)))
-    raise _err(name, file, key, f"must be a string (regex) or a list of strings, got {value!r}.",
-               "write it as PEFT does: a regex string or a JSON list of module names.")
+    raise bad(f"must be a string (regex) or a list of strings, got {value!r}.",
+              "write it as PEFT does: a regex string or a JSON list of module names.", field=key)
 
 
-def _number_map(name: str, file: str, key: str, value: Any, kind: type) -> dict:
+def _number_map(bad: Blame, key: str, value: Any, kind: type) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _err(name, file, key, f"must be an object mapping module patterns to numbers, got {value!r}.",
-                   "fix the field or remove it.")
+        raise bad(f"must be an object mapping module patterns to numbers, got {value!r}.",
+                  "fix the field or remove it.", field=key)
     out = {}
     for k, v in value.items():  # dict order is kept: PEFT >= 0.15 applies the first key that matches
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or (kind is int and v != int(v)):
-            raise _err(name, file, key, f"entry {k!r} must be a {'positive integer' if kind is int else 'number'}, "
-                       f"got {v!r}.", "fix the entry or remove it.")
+            raise bad(f"entry {k!r} must be a {'positive integer' if kind is int else 'number'}, got {v!r}.",
+                      "fix the entry or remove it.", field=key)
         if kind is int and v <= 0:  # PEFT raises on a rank <= 0; any finite alpha is valid to PEFT
-            raise _err(name, file, key, f"entry {k!r} must be positive, got {v!r}.", "fix the entry.")
+            raise bad(f"entry {k!r} must be positive, got {v!r}.", "fix the entry.", field=key)
         out[k] = kind(v)
     return out
 
 
-def _refuse_if(cond: bool, name: str, file: str, key: str, problem: str, fix: str) -> None:
+def _refuse_if(cond: bool, bad: Blame, key: str, problem: str, fix: str) -> None:
     if cond:
-        raise _err(name, file, key, problem, fix)
+        raise bad(problem, fix, field=key)
 
 
-def _int_or_ints(name: str, file: str, value: Any) -> tuple[int, ...] | None:
+def _int_or_ints(bad: Blame, value: Any) -> tuple[int, ...] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
     _refuse_if(not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value),
-               name, file, "layers_to_transform", f"must be an int or a list of ints, got {value!r}.",
-               "fix the field.")
+               bad, "layers_to_transform", f"must be an int or a list of ints, got {value!r}.", "fix the field.")
     return tuple(value) or None  # PEFT treats an empty list as "no layer selection"
 
 
-def _str_or_strs(name: str, file: str, value: Any) -> tuple[str, ...] | None:
+def _str_or_strs(bad: Blame, value: Any) -> tuple[str, ...] | None:
     if isinstance(value, str):
         return (value,) if value else None  # PEFT: an empty pattern means "any layer list"
-    _refuse_if(not isinstance(value, list) or not all(isinstance(p, str) for p in value), name, file,
-               "layers_pattern", f"must be a string or a list of strings, got {value!r}.", "fix the field.")
+    _refuse_if(not isinstance(value, list) or not all(isinstance(p, str) for p in value), bad, "layers_pattern",
+               f"must be a string or a list of strings, got {value!r}.", "fix the field.")
     return tuple(value) or None
 
 
 def _bias_tensors(name: str, path: str, lora_b: bool) -> list[str] | None:
     """Bias tensors in the adapter's safetensors file (``lora_B`` or base-layer biases); None if not known here.
 
-    Only the key names in the safetensors header are read. PEFT saves base-layer biases for
-    ``bias='all'`` when the layers have any, and ``lora_B`` biases for ``lora_bias=true``; when there
-    are none, PEFT itself loads the adapter onto the untouched base biases, which is what we serve.
-    A pickle (``adapter_model.bin``) is left to the weights reader, which refuses bias tensors too.
+    Only the safetensors header is read. PEFT saves base-layer biases for ``bias='all'`` when the layers
+    have any, and ``lora_B`` biases for ``lora_bias=true``; when there are none, PEFT itself loads the
+    adapter onto the untouched base biases, which is what we serve. A pickle (``adapter_model.bin``) is
+    left to the weights reader, which refuses bias tensors too.
     """
-    from .adapter_weights import find_weights_file, read_regular_file
+    from .weights import find_weights_file
 
     try:
         file = find_weights_file(name, path)
         if not file.endswith(".safetensors"):
             return None
-        data = read_regular_file(name, file, what="weights file")
-        size = int.from_bytes(data[:8], "little")
-        keys = [k for k in json.loads(data[8:8 + size].decode("utf-8")) if k != "__metadata__"]
-    except (AdapterError, ValueError, TypeError):  # the weights reader refuses it with its own message
+        keys = list(read_header(file, adapter=name).entries)
+    except AdapterError:  # the weights reader refuses it with its own message
         return None
     if lora_b:
         return [k for k in keys if k.endswith(".lora_B.bias")]
     return [k for k in keys if k.endswith(".bias") and ".lora_" not in k]
 
 
-def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]) -> AdapterConfig:
-    """Validate a decoded ``adapter_config.json``; raise :class:`AdapterError` on anything we cannot honour."""
-    path = os.fspath(path)
-    file = os.path.join(path, CONFIG_NAME)
-    if not isinstance(raw, dict):
-        raise _err(name, file, None, "the JSON document is not an object.", "use the adapter_config.json PEFT wrote.")
-
-    peft_type = raw.get("peft_type", "LORA")
-    _refuse_if(not isinstance(peft_type, str) or peft_type.upper() != "LORA", name, file, "peft_type",
-               f"peft_type is {peft_type!r}; only plain LoRA adapters can be served.", _MERGE_FIX)
-
-    # PEFT's LoraConfig defaults: r=8, lora_alpha=8.
-    r = raw.get("r", 8)
-    _refuse_if(isinstance(r, bool) or not isinstance(r, int) or r <= 0, name, file, "r",
-               f"must be a positive integer, got {r!r}.", "set it to the rank the adapter was trained with.")
-    alpha = raw.get("lora_alpha", 8)
-    _refuse_if(isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha),
-               name, file, "lora_alpha", f"must be a number, got {alpha!r}.", "set it to the training alpha.")
-
-    target_modules = _str_or_list(name, file, "target_modules", raw.get("target_modules"))
-    _refuse_if(target_modules is None or target_modules == () or target_modules == "", name, file,
-               "target_modules", "is missing or empty, so no module can be matched.",
-               "use the adapter_config.json written by the training run; it always lists the targets.")
-    exclude_modules = _str_or_list(name, file, "exclude_modules", raw.get("exclude_modules"))
-
-    # LoraConfig.__post_init__ refuses these combinations (tested on the raw values, as PEFT does);
-    # such a config was never trained.
+def _layer_selection(bad: Blame, raw: dict, regex_targets: bool, name: str
+                     ) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
+    """``layers_to_transform`` / ``layers_pattern``, refused with a regex target as PEFT refuses them."""
     raw_layers, raw_pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
-    if isinstance(target_modules, str):
+    if regex_targets:  # LoraConfig.__post_init__ refuses these combinations (on the raw values, as PEFT does)
         for key, value in (("layers_to_transform", raw_layers), ("layers_pattern", raw_pattern)):
-            _refuse_if(value is not None, name, file, key,
+            _refuse_if(value is not None, bad, key,
                        "cannot be used when target_modules is a regex string (PEFT refuses this config too).",
                        f"encode the layer selection in the regex and drop {key}.")
     if raw_pattern and raw_layers is None:
         # PEFT <= 0.13 saved such configs and ignored the pattern; later releases refuse to load them.
         logger.debug("adapter %r: layers_pattern without layers_to_transform selects nothing; ignored (%s)",
-                     name, file)
+                     name, bad.file)
         raw_pattern = None
-    layers_to_transform = _int_or_ints(name, file, raw_layers) if raw_layers is not None else None
-    layers_pattern = _str_or_strs(name, file, raw_pattern) if raw_pattern is not None else None
+    layers = _int_or_ints(bad, raw_layers) if raw_layers is not None else None
+    return layers, _str_or_strs(bad, raw_pattern) if raw_pattern is not None else None
 
-    rank_pattern = _number_map(name, file, "rank_pattern", raw.get("rank_pattern"), int)
-    alpha_pattern = _number_map(name, file, "alpha_pattern", raw.get("alpha_pattern"), float)
 
-    use_rslora = raw.get("use_rslora", False)
-    _refuse_if(not isinstance(use_rslora, bool), name, file, "use_rslora",
-               f"must be true or false, got {use_rslora!r}.", "fix the field.")
-    fan_in_fan_out = raw.get("fan_in_fan_out", False)
-    _refuse_if(not isinstance(fan_in_fan_out, bool), name, file, "fan_in_fan_out",
-               f"must be true or false, got {fan_in_fan_out!r}.", "fix the field.")
+def _flag(bad: Blame, raw: dict, key: str) -> bool:
+    value = raw.get(key, False)
+    _refuse_if(not isinstance(value, bool), bad, key, f"must be true or false, got {value!r}.", "fix the field.")
+    return value
+
+
+def _refuse_variants(bad: Blame, raw: dict, name: str, path: str) -> None:
+    """Fields that change the computation in ways a LoRA slot cannot express."""
+    for key, why in REFUSED_FIELDS.items():
+        value = raw.get(key)
+        is_set = value is not None if key in _SUBCONFIG_FIELDS else bool(value)
+        _refuse_if(is_set, bad, key, f"{key}={value!r}: {why}.", _MERGE_FIX)
+    bias = raw.get("bias", "none")
+    _refuse_if(bias not in ("none", "all", "lora_only", None), bad, "bias",
+               f"must be 'none', 'all' or 'lora_only', got {bias!r}.", "fix the field.")
+    if bias not in ("none", None):
+        found = _bias_tensors(name, path, lora_b=False)
+        _refuse_if(bool(found), bad, "bias",
+                   f"bias={bias!r} and the weights hold {len(found or ())} trained base-layer bias tensor(s) "
+                   f"(e.g. {(found or [''])[0]!r}); LoRA slots cannot carry them.", _MERGE_FIX)
+    if raw.get("lora_bias", False):
+        found = _bias_tensors(name, path, lora_b=True)
+        _refuse_if(bool(found) or found is None, bad, "lora_bias",
+                   f"lora_bias=true: the weights hold {len(found or ())} lora_B bias tensor(s), which LMDeploy's "
+                   "LoRA kernel cannot add.", _MERGE_FIX)
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise bad(f"init_lora_weights={init!r}: training rewrote the base weights, so this checkpoint is not a "
+                  "delta on the original model.",
+                  "serve the converted adapter instead (ms-swift writes it to <checkpoint>/converted/default; "
+                  "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) makes one, with "
+                  "init_lora_weights=true).", field="init_lora_weights")
+
+
+def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]) -> AdapterConfig:
+    """Validate a decoded ``adapter_config.json``; raise :class:`AdapterError` on anything we cannot honour."""
+    path = os.fspath(path)
+    file = os.path.join(path, CONFIG_NAME)
+    bad = Blame(name, file)
+    if not isinstance(raw, dict):
+        raise bad("the JSON document is not an object.", "use the adapter_config.json PEFT wrote.")
+
+    peft_type = raw.get("peft_type", "LORA")
+    _refuse_if(not isinstance(peft_type, str) or peft_type.upper() != "LORA", bad, "peft_type",
+               f"peft_type is {peft_type!r}; only plain LoRA adapters can be served.", _MERGE_FIX)
+    # PEFT's LoraConfig defaults: r=8, lora_alpha=8.
+    r = raw.get("r", 8)
+    _refuse_if(isinstance(r, bool) or not isinstance(r, int) or r <= 0, bad, "r",
+               f"must be a positive integer, got {r!r}.", "set it to the rank the adapter was trained with.")
+    alpha = raw.get("lora_alpha", 8)
+    _refuse_if(isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha),
+               bad, "lora_alpha", f"must be a number, got {alpha!r}.", "set it to the training alpha.")
+
+    target_modules = _str_or_list(bad, "target_modules", raw.get("target_modules"))
+    _refuse_if(target_modules is None or target_modules == () or target_modules == "", bad,
+               "target_modules", "is missing or empty, so no module can be matched.",
+               "use the adapter_config.json written by the training run; it always lists the targets.")
+    exclude_modules = _str_or_list(bad, "exclude_modules", raw.get("exclude_modules"))
+    layers_to_transform, layers_pattern = _layer_selection(bad, raw, isinstance(target_modules, str), name)
+    rank_pattern = _number_map(bad, "rank_pattern", raw.get("rank_pattern"), int)
+    alpha_pattern = _number_map(bad, "alpha_pattern", raw.get("alpha_pattern"), float)
+    use_rslora = _flag(bad, raw, "use_rslora")
+    fan_in_fan_out = _flag(bad, raw, "fan_in_fan_out")
     if fan_in_fan_out:
         # PEFT warns and resets it to False for nn.Linear (every layer we serve); for GPT-2's Conv1D it
         # only transposes the merged delta. LoRA's forward, x @ A.T @ B.T, never reads it.
         logger.debug("adapter %r: fan_in_fan_out=true does not change LoRA's forward on linear layers (%s)",
                      name, file)
-
-    # Fields that change the computation in ways a LoRA slot cannot express.
-    for key, why in REFUSED_FIELDS.items():
-        value = raw.get(key)
-        is_set = value is not None if key in _SUBCONFIG_FIELDS else bool(value)
-        _refuse_if(is_set, name, file, key, f"{key}={value!r}: {why}.", _MERGE_FIX)
-    bias = raw.get("bias", "none")
-    _refuse_if(bias not in ("none", "all", "lora_only", None), name, file, "bias",
-               f"must be 'none', 'all' or 'lora_only', got {bias!r}.", "fix the field.")
-    if bias not in ("none", None):
-        found = _bias_tensors(name, path, lora_b=False)
-        _refuse_if(bool(found), name, file, "bias",
-                   f"bias={bias!r} and the weights hold {len(found or ())} trained base-layer bias tensor(s) "
-                   f"(e.g. {(found or [''])[0]!r}); LoRA slots cannot carry them.", _MERGE_FIX)
-    lora_bias = raw.get("lora_bias", False)
-    if lora_bias:
-        found = _bias_tensors(name, path, lora_b=True)
-        _refuse_if(bool(found) or found is None, name, file, "lora_bias",
-                   f"lora_bias=true: the weights hold {len(found or ())} lora_B bias tensor(s), which LMDeploy's "
-                   "LoRA kernel cannot add.", _MERGE_FIX)
-    init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise _err(name, file, "init_lora_weights",
-                   f"init_lora_weights={init!r}: training rewrote the base weights, so this checkpoint is "
-                   "not a delta on the original model.",
-                   "serve the converted adapter instead (ms-swift writes it to <checkpoint>/converted/default; "
-                   "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) makes one, with "
-                   "init_lora_weights=true).")
+    _refuse_variants(bad, raw, name, path)
 
     ignored = tuple(sorted(k for k in raw if k not in PARSED_FIELDS and k not in REFUSED_FIELDS))
     unknown = [k for k in ignored if k not in HARMLESS_FIELDS]
     if unknown:
         logger.debug("adapter %r: ignoring keys %s in %s (they do not change the computation)", name, unknown, file)
-
     peft_version = raw.get("peft_version")
     return AdapterConfig(
-        name=name,
-        path=path,
-        config_file=file,
-        r=r,
-        lora_alpha=float(alpha),
-        target_modules=target_modules,
-        exclude_modules=exclude_modules,
-        layers_to_transform=layers_to_transform,
-        layers_pattern=layers_pattern,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        use_rslora=use_rslora,
-        fan_in_fan_out=fan_in_fan_out,
-        peft_version=peft_version if isinstance(peft_version, str) else None,
+        name=name, path=path, config_file=file, r=r, lora_alpha=float(alpha), target_modules=target_modules,
+        exclude_modules=exclude_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=use_rslora,
+        fan_in_fan_out=fan_in_fan_out, peft_version=peft_version if isinstance(peft_version, str) else None,
         ignored_keys=ignored,
     )
 
@@ -305,13 +293,9 @@ def parse_adapter_config(name: str, path: str | os.PathLike, raw: dict[str, Any]
 def read_adapter_config(name: str, path: str | os.PathLike) -> AdapterConfig:
     """Read and validate ``<path>/adapter_config.json``.
 
-    The file is read as bytes through :func:`.adapter_weights.read_regular_file` (non-blocking open,
-    regular-file check on the descriptor, size bound), so a FIFO, device or huge file never hangs us.
+    The file is read through :func:`~lmdeploy_regex_lora.safetensors_io.read_regular_file` (non-blocking
+    open, regular-file check on the descriptor, size bound), so a FIFO, device or huge file never hangs us.
     """
-    import stat
-
-    from .adapter_weights import os_error, read_regular_file
-
     path = os.fsdecode(path)
     try:
         st = os.stat(path)
@@ -319,7 +303,7 @@ def read_adapter_config(name: str, path: str | os.PathLike) -> AdapterConfig:
         raise AdapterError("the adapter folder does not exist.", adapter=name, file=path,
                            fix="pass --adapters NAME=PATH with the folder that holds adapter_config.json.") from None
     except OSError as exc:
-        raise os_error(name, path, exc, "adapter folder") from None
+        raise os_error(path, exc, "adapter folder", name) from None
     if not stat.S_ISDIR(st.st_mode):
         raise AdapterError("the adapter path is not a directory.", adapter=name, file=path,
                            fix="pass --adapters NAME=PATH with the folder that holds adapter_config.json, "
@@ -332,9 +316,9 @@ def read_adapter_config(name: str, path: str | os.PathLike) -> AdapterConfig:
                            fix="point --adapters at the checkpoint folder PEFT or ms-swift wrote "
                                "(it holds adapter_config.json and adapter_model.safetensors).") from None
     except OSError as exc:  # EACCES here: the folder itself may not be searched
-        raise os_error(name, path, exc, "adapter folder") from None
+        raise os_error(path, exc, "adapter folder", name) from None
     # A PEFT config is a few kB; 16 MiB only stops a huge or endless file early.
-    data = read_regular_file(name, file, what=CONFIG_NAME, limit=16 << 20)
+    data = read_regular_file(file, what=CONFIG_NAME, adapter=name, limit=16 << 20)
     try:
         raw = json.loads(data.decode("utf-8"))
     except RecursionError:

@@ -3,8 +3,10 @@
 The plugin activates through ``lmdeploy_regex_lora.pth`` at interpreter start, so the only honest
 test is a fresh interpreter: the same Python, the same environment, started in an empty folder (as a
 server started from its console script would be, without the current folder on ``sys.path``), that
-imports LMDeploy's ``patch`` module and asks :func:`lmdeploy_regex_lora.hook.is_installed`. This
-process only collects versions and reads files; it never imports torch or LMDeploy itself.
+imports LMDeploy's ``patch`` module and asks :func:`lmdeploy_regex_lora.serve.hook.is_installed`. This
+process only collects versions and reads files; it never imports torch or LMDeploy itself, and reading
+the supported range imports the hook module without side effects (the boot module registers nothing
+until its ``boot()`` is called).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import cli_common as cc
+from . import common as cc
 
 DESCRIPTION = """\
 Report the versions that matter (LMDeploy, torch, peft, transformers, triton, safetensors), the
@@ -39,16 +41,17 @@ PROBE_TIMEOUT_S = 300
 # Runs in the fresh interpreter. Reads sys.modules first: the .pth must have run before anything here.
 PROBE = r'''
 import json, sys
-out = {"pth_ran": "lmdeploy_regex_lora_boot" in sys.modules, "lmdeploy_error": None}
+boot = sys.modules.get("lmdeploy_regex_lora_boot")
+out = {"pth_ran": boot is not None and boot.installed_finder() is not None, "lmdeploy_error": None}
 try:
     import lmdeploy.pytorch.models.patch as patch
 except Exception as exc:
     patch = None
     out["lmdeploy_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-hook = sys.modules.get("lmdeploy_regex_lora.hook")
+hook = sys.modules.get("lmdeploy_regex_lora.serve.hook")
 out["hook_loaded"] = hook is not None
 out["is_installed"] = bool(hook is not None and hook.is_installed())
-out["stand_aside"] = hook._stand_aside_reason() if hook is not None else None
+out["stand_aside"] = hook.stand_aside_reason() if hook is not None else None
 fn = getattr(patch, "add_adapters", None)
 out["wrapped"] = getattr(type(fn), "_lmdeploy_regex_lora_wrapper", False) is True
 try:
@@ -111,17 +114,15 @@ def probe(timeout: float = PROBE_TIMEOUT_S) -> dict:
 
 def diagnose() -> dict:
     """Everything ``doctor`` prints (its ``--json`` output)."""
-    from packaging.version import InvalidVersion, Version
+    from lmdeploy_regex_lora_boot import ENV_DISABLE, env_disabled
 
-    from . import __version__
-    from ._bootstrap import ENV_DISABLE, env_disabled
-    from .hook import SUPPORTED as supported  # importing hook imports neither torch nor LMDeploy
+    from .. import __version__
+    from ..serve.hook import SUPPORTED as supported  # importing hook imports neither torch nor LMDeploy
+    from ..serve.hook import in_supported_range
+
     versions = {name: _version(name) for name in PACKAGES}
     lmdeploy = versions["lmdeploy"]
-    try:
-        in_range = lmdeploy is not None and supported.contains(Version(lmdeploy), prereleases=True)
-    except InvalidVersion:
-        in_range = False
+    in_range = in_supported_range(lmdeploy)
     install = _install_kind()
     result = probe()
     report = {
@@ -191,8 +192,5 @@ def render(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     report = diagnose()
-    if args.json:
-        cc.print_json(report)
-    else:
-        cc.emit(render(report))
+    cc.show(report, render, args.json)
     return cc.OK if report["active"] else cc.FAILED

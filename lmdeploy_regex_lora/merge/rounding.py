@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Element size per safetensors dtype code this module handles.
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+from ..safetensors_io import DTYPES
 
 
 def decode(code: str, data) -> np.ndarray:
@@ -28,7 +26,7 @@ def decode(code: str, data) -> np.ndarray:
         bits = np.frombuffer(data, dtype="<u2").astype(np.uint32)
         bits <<= 16
         return bits.view(np.float32).astype(np.float64)
-    return np.frombuffer(data, dtype=np.dtype(_NUMPY[code]).newbyteorder("<")).astype(np.float64)
+    return np.frombuffer(data, dtype=np.dtype(DTYPES[code].numpy_name)).astype(np.float64)
 
 
 def _odd_f32_bits(x: np.ndarray) -> np.ndarray:
@@ -61,7 +59,7 @@ def encode(code: str, x: np.ndarray) -> np.ndarray:
     """``x`` (float64) rounded once to the nearest ``code`` value, as an array whose bytes are the tensor's."""
     if code == "BF16":
         return _bf16_bits(x).astype("<u2", copy=False)
-    return x.astype(np.dtype(_NUMPY[code]).newbyteorder("<"), copy=False)
+    return x.astype(np.dtype(DTYPES[code].numpy_name), copy=False)
 
 
 def finite_encoded(code: str, encoded: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@
 An operator wants to see, before a server loads anything, which modules an adapter trains, with which
 rank, alpha and scaling, and how LMDeploy will serve each of them. No weight tensor is read: the
 adapter's tensors are ``meta`` tensors built from the safetensors header, and with ``--model`` the
-base model is LMDeploy's own module tree built on the ``meta`` device (:mod:`.meta_model`), so the
-plan printed is the one :func:`~lmdeploy_regex_lora.plan.resolve_adapter` computes when serving.
+base model is LMDeploy's own module tree built on the ``meta`` device (:mod:`lmdeploy_regex_lora.testing.build`),
+so the plan printed is the one :func:`~lmdeploy_regex_lora.serve.plan.resolve_adapter` computes when serving.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import argparse
 import os
 import sys
 
-from . import cli_common as cc
-from .errors import AdapterError
+from ..errors import AdapterError
+from ..serve.model_map import Serving
+from . import common as cc
 
 DESCRIPTION = """\
 Show the resolved plan of one or more adapters without loading any weight tensor (safetensors headers only).
@@ -31,11 +32,11 @@ config and tensors disagree; 2 an input cannot be read (message on stderr).
 """
 
 SERVING_LABELS = {
-    "per-request": "per request",
-    "lm-head": "LM head, per request",
-    "folded": "folded into base weight (all requests)",
-    "non-token-rows": "vision/projector rows",
-    "plain-linear": "plain Linear (no LoRA slot)",
+    Serving.PER_REQUEST: "per request",
+    Serving.LM_HEAD: "LM head, per request",
+    Serving.FOLDED: "folded into base weight (all requests)",
+    Serving.NON_TOKEN: "vision/projector rows",
+    Serving.PLAIN_LINEAR: "plain Linear (no LoRA slot)",
 }
 
 
@@ -56,8 +57,8 @@ def _config_summary(cfg) -> dict:
 
 
 def _read(name: str, path: str) -> tuple[object, object]:
-    from .adapter_config import read_adapter_config
-    from .adapter_weights import read_adapter_tensors
+    from ..serve.config import read_adapter_config
+    from ..serve.weights import read_adapter_tensors
 
     cfg = read_adapter_config(name, path)
     tensors = read_adapter_tensors(name, path, headers_only=True)
@@ -66,7 +67,7 @@ def _read(name: str, path: str) -> tuple[object, object]:
 
 def _module_rows_without_model(cfg, tensors) -> list[dict]:
     """Rank/alpha/scaling per trained module; raises AdapterError when the config misses a trained module."""
-    from .matching import resolve_targets
+    from ..serve.matching import resolve_targets
 
     ranks = {n: p.rank for n, p in tensors.pairs.items()}
     # The model's names are unknown here: match against the trained names (every one must be selected).
@@ -80,7 +81,7 @@ def _rows_from_plan(resolved, model_map=None, rules=None) -> list[dict]:
     for m in resolved.plan.modules:
         serving = m.serving
         if model_map is not None:  # permissive resolution of a refused adapter: show the real layer kind
-            from .model_map import rename
+            from ..serve.model_map import rename
 
             serving = model_map.sites[rename(m.hf_name, rules)].serving
         rows.append({"name": m.hf_name, "rank": m.rank, "alpha": m.alpha, "scaling": m.scaling, "serving": serving,
@@ -98,9 +99,10 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
     report: dict = {"model": os.path.abspath(model) if model else None, "adapters": [], "slots": None, "folds": None}
     model_map = None
     if model is not None:
-        from .meta_model import meta_model_map
+        from ..serve.model_map import ModelMap
+        from ..testing.build import build_lmdeploy_model
 
-        model_map, _ = meta_model_map(model)
+        model_map = ModelMap(build_lmdeploy_model(model, "meta"))
     resolved_ok = []
     for adapter_id, name in enumerate(sorted(adapters), start=1):
         entry = _entry(name, adapters[name])
@@ -125,7 +127,7 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
     if model_map is not None and resolved_ok:
         from dataclasses import asdict
 
-        from .plan import build_slots
+        from ..serve.plan import build_slots
 
         report["slots"] = [asdict(s) for s in build_slots(resolved_ok, model_map)]
     # Layers folded into the base weight serve every request: two adapters may share one only with equal
@@ -134,18 +136,33 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
     for a in report["adapters"]:
         if a["status"] == "ok":
             for m in a["modules"]:
-                if m["serving"] == "folded":
+                if m["serving"] == Serving.FOLDED:
                     folders.setdefault(f"{m['lmdeploy_module']}[{m['slot']}]", []).append(a["name"])
     report["folds"] = folders or None
     return report
 
 
+def servable_everywhere(model_map):
+    """A copy of ``model_map`` in which every linear takes LoRA per request.
+
+    ``inspect`` uses it to still list the modules of an adapter that serving refuses only for where its
+    layers are (the vision tower or projector of an interleaved layout): everything else the plan
+    checks (naming, targets against tensors, ranks, shapes) stays as strict as serving.
+    """
+    import copy
+    from dataclasses import replace
+
+    permissive = copy.copy(model_map)
+    permissive.sites = {name: replace(site, serving=Serving.PER_REQUEST, lora_capable=True)
+                        for name, site in model_map.sites.items()}
+    return permissive
+
+
 def _resolve(entry: dict, cfg, tensors, adapter_id: int, model_map):
     """Fill ``entry`` from the serving plan; on refusal, still list the modules (from a permissive map)."""
-    from .adapter_weights import AdapterTensors
-    from .meta_model import servable_everywhere
-    from .model_map import NAMING_SCHEMES
-    from .plan import resolve_adapter
+    from ..serve.model_map import NAMING_SCHEMES
+    from ..serve.plan import resolve_adapter
+    from ..serve.weights import AdapterTensors
 
     # Full weights saved beside the LoRA tensors are checked by value when serving; inspect has no values.
     bare = AdapterTensors(file=tensors.file, pairs=tensors.pairs, base_copies={})
@@ -265,10 +282,7 @@ def exit_code(report: dict) -> int:
 def run(args: argparse.Namespace) -> int:
     adapters = cc.parse_adapters(args.adapters)
     report = inspect_adapters(adapters, args.model)
-    if args.json:
-        cc.print_json(report)
-    else:
-        cc.emit(render(report))
+    cc.show(report, render, args.json)
     for a in report["adapters"]:
         if a["status"] == "unreadable":
             print(a["error"], file=sys.stderr)

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import regex
 
-from .adapter_config import AdapterConfig
-from .errors import AdapterError
+from ..errors import AdapterError, Blame, describe_names
+from .config import AdapterConfig
 
 logger = logging.getLogger("lmdeploy.regex_lora")
 
@@ -136,49 +136,58 @@ def expanded_size(pattern: str) -> int:
     return size(sre_parse.parse(pattern))
 
 
-def _compile(cfg: AdapterConfig, field: str, pattern: str, what: str = "the regex") -> regex.Pattern:
+def _compile(blame: Blame, field: str, pattern: str, what: str = "the regex") -> regex.Pattern:
     import re
 
     try:
         expanded = expanded_size(pattern)
     except (re.error, RecursionError, OverflowError) as exc:
-        raise AdapterError(f"{what} {pattern!r} does not compile as a Python regex ({exc}); PEFT matches with "
-                           "`re`, so no PEFT release could have trained with it.", adapter=cfg.name,
-                           file=cfg.config_file, field=field,
-                           fix="write a Python `re`-compatible regex, as PEFT expects.") from None
+        raise blame(f"{what} {pattern!r} does not compile as a Python regex ({exc}); PEFT matches with `re`, so no "
+                    "PEFT release could have trained with it.", "write a Python `re`-compatible regex, as PEFT "
+                    "expects.", field=field) from None
     if expanded > MAX_EXPANDED_REGEX:
-        raise AdapterError(f"{what} {pattern!r} expands to more than {MAX_EXPANDED_REGEX:,} elements once its "
-                           "counted repeats are unrolled; compiling it would stall the server.", adapter=cfg.name,
-                           file=cfg.config_file, field=field,
-                           fix="simplify the regex, e.g. swift's form ^(prefix.*\\.(leaf|leaf))$.")
+        raise blame(f"{what} {pattern!r} expands to more than {MAX_EXPANDED_REGEX:,} elements once its counted "
+                    "repeats are unrolled; compiling it would stall the server.", _SIMPLER, field=field)
     try:
         return regex.compile(pattern, flags=regex.VERSION0)
     except regex.error as exc:
-        raise AdapterError(f"{what} {pattern!r} does not compile ({exc}).", adapter=cfg.name,
-                           file=cfg.config_file, field=field,
-                           fix="write a Python `re`-compatible regex, as PEFT expects.") from None
+        raise blame(f"{what} {pattern!r} does not compile ({exc}).",
+                    "write a Python `re`-compatible regex, as PEFT expects.", field=field) from None
 
 
-def _timeout(cfg: AdapterConfig, field: str, pattern: str) -> AdapterError:
-    return AdapterError(
-        f"the regex {pattern!r} took longer than {REGEX_BUDGET_S:g} s to match the model's module names "
-        "(catastrophic backtracking).", adapter=cfg.name, file=cfg.config_file, field=field,
-        fix="simplify the regex, e.g. swift's form ^(prefix.*\\.(leaf|leaf))$.")
+_SIMPLER = "simplify the regex, e.g. swift's form ^(prefix.*\\.(leaf|leaf))$."
 
 
 class RegexField:
-    """One regex-valued config field, compiled once, matched under a shared deadline."""
+    """One regex of a config field: compiled once (size-checked), matched under a deadline.
 
-    def __init__(self, cfg: AdapterConfig, field: str, pattern: str, budget_s: float = REGEX_BUDGET_S) -> None:
-        self.cfg, self.field, self.pattern = cfg, field, pattern
-        self.compiled = _compile(cfg, field, pattern)
-        self.deadline = _Deadline(budget_s)
+    Every regex PEFT would run (targets, exclusions, layer indices, rank/alpha keys) goes through here, so
+    a pattern built for catastrophic backtracking gives up with the field's name instead of hanging.
+    """
+
+    def __init__(self, blame: Blame, field: str, pattern: str, *, what: str = "the regex",
+                 deadline: _Deadline | None = None, label: str | None = None) -> None:
+        self.blame, self.field, self.pattern = blame, field, pattern
+        self.label = pattern if label is None else label  # what the timeout message quotes
+        self.compiled = _compile(blame, field, pattern, what)
+        self.deadline = deadline or _Deadline(REGEX_BUDGET_S)
+
+    def _run(self, method, name: str):
+        try:
+            return method(name, timeout=self.deadline.left())
+        except TimeoutError:
+            raise self.blame(f"the regex {self.label!r} took longer than {REGEX_BUDGET_S:g} s to match the model's "
+                             "module names (catastrophic backtracking).", _SIMPLER, field=self.field) from None
 
     def fullmatch(self, name: str) -> bool:
-        try:
-            return self.compiled.fullmatch(name, timeout=self.deadline.left()) is not None
-        except TimeoutError:
-            raise _timeout(self.cfg, self.field, self.pattern) from None
+        return self._run(self.compiled.fullmatch, name) is not None
+
+    def match(self, name: str) -> regex.Match | None:
+        return self._run(self.compiled.match, name)
+
+
+def _blame(cfg: AdapterConfig) -> Blame:
+    return Blame(cfg.name, cfg.config_file)
 
 
 def _list_hit(entries: tuple[str, ...], name: str) -> str | None:
@@ -198,13 +207,23 @@ def _layer_regexes(layers_pattern: tuple[str, ...] | None, rule: str) -> list[st
     return [start + pattern + r"\.(\d+)\." for pattern in layers_pattern]
 
 
-def layer_index(name: str, layers_pattern: tuple[str, ...] | None, rule: str) -> int | None:
-    """The layer number PEFT reads from a module name under ``rule`` (``None`` when it finds none)."""
-    for pattern in _layer_regexes(layers_pattern, rule):
-        m = regex.match(pattern, name, timeout=REGEX_BUDGET_S)
+def _layer_fields(blame: Blame, layers_pattern: tuple[str, ...] | None, rule: str,
+                  deadline: _Deadline | None = None) -> list[RegexField]:
+    return [RegexField(blame, "layers_pattern", p, what="the layer regex built from layers_pattern", deadline=deadline)
+            for p in _layer_regexes(layers_pattern, rule)]
+
+
+def _first_layer_index(fields: list[RegexField], name: str) -> int | None:
+    for field in fields:
+        m = field.match(name)
         if m is not None:
             return int(m.group(1))
     return None
+
+
+def layer_index(name: str, layers_pattern: tuple[str, ...] | None, rule: str) -> int | None:
+    """The layer number PEFT reads from a module name under ``rule`` (``None`` when it finds none)."""
+    return _first_layer_index(_layer_fields(Blame(), layers_pattern, rule), name)
 
 
 class TargetMatcher:
@@ -215,25 +234,13 @@ class TargetMatcher:
             raise ValueError(f"layer_rule must be one of {LAYER_RULES}, got {layer_rule!r}")
         self.cfg = cfg
         self.layer_rule = layer_rule
-        self._target_re = RegexField(cfg, "target_modules", cfg.target_modules) \
+        blame = _blame(cfg)
+        self._target_re = RegexField(blame, "target_modules", cfg.target_modules) \
             if isinstance(cfg.target_modules, str) else None
-        self._exclude_re = RegexField(cfg, "exclude_modules", cfg.exclude_modules) \
+        self._exclude_re = RegexField(blame, "exclude_modules", cfg.exclude_modules) \
             if isinstance(cfg.exclude_modules, str) and cfg.exclude_modules else None
-        self._layer_res = []
-        if cfg.layers_to_transform is not None:
-            self._layer_res = [_compile(cfg, "layers_pattern", p, "the layer regex built from layers_pattern")
-                               for p in _layer_regexes(cfg.layers_pattern, layer_rule)]
-        self._deadline = _Deadline(REGEX_BUDGET_S)
-
-    def _layer_index(self, name: str) -> int | None:
-        for compiled in self._layer_res:
-            try:
-                m = compiled.match(name, timeout=self._deadline.left())
-            except TimeoutError:
-                raise _timeout(self.cfg, "layers_pattern", compiled.pattern) from None
-            if m is not None:
-                return int(m.group(1))
-        return None
+        self._layer_fields = [] if cfg.layers_to_transform is None else _layer_fields(blame, cfg.layers_pattern,
+                                                                                      layer_rule)
 
     def match(self, name: str) -> Match:
         cfg = self.cfg
@@ -259,7 +266,7 @@ class TargetMatcher:
             return Match(True, f"target_modules {hit}")
         layers = list(cfg.layers_to_transform)
         where = f"{self.layer_rule} layer-index rule, {LAYER_RULE_RELEASES[self.layer_rule]}"
-        idx = self._layer_index(name)
+        idx = _first_layer_index(self._layer_fields, name)
         if idx is None:
             return Match(False, f"target_modules {hit}, but no layer index in the name ({where})")
         if idx in cfg.layers_to_transform:
@@ -272,7 +279,7 @@ class PatternKeys:
 
     def __init__(self, cfg: AdapterConfig) -> None:
         self.cfg = cfg
-        self._compiled: dict[tuple[str, str, str], regex.Pattern] = {}
+        self._fields: dict[tuple[str, str, str], RegexField] = {}
         self._deadline = _Deadline(REGEX_BUDGET_S)
         # Compile every key under both regex forms now, so a bad key is refused whatever the rule.
         for field, keys in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
@@ -280,21 +287,18 @@ class PatternKeys:
                 for rule in ("peft==0.14", "peft>=0.15"):
                     self._regex(field, key, rule)
 
-    def _regex(self, field: str, key: str, rule: str) -> regex.Pattern:
+    def _regex(self, field: str, key: str, rule: str) -> RegexField:
         form = "new" if rule == "peft>=0.15" else "old"
-        cached = self._compiled.get((field, key, form))
+        cached = self._fields.get((field, key, form))
         if cached is None:
             source = rf"(.*\.)?({key})$" if form == "new" else rf".*\.{key}$"
-            cached = self._compiled[(field, key, form)] = _compile(self.cfg, field, source,
-                                                                   f"the regex built from key {key!r}:")
+            cached = self._fields[(field, key, form)] = RegexField(
+                _blame(self.cfg), field, source, what=f"the regex built from key {key!r}:", deadline=self._deadline,
+                label=key)
         return cached
 
     def _hits(self, field: str, key: str, name: str, rule: str) -> bool:
-        compiled = self._regex(field, key, rule)
-        try:
-            return compiled.match(name, timeout=self._deadline.left()) is not None
-        except TimeoutError:
-            raise _timeout(self.cfg, field, key) from None
+        return self._regex(field, key, rule).match(name) is not None
 
     def key(self, fields: Iterable[tuple[str, str]], name: str, rule: str) -> str | None:
         """The first (field, key) whose key applies to ``name`` under ``rule``; PEFT's full-name fallback last."""
@@ -323,19 +327,6 @@ class PatternKeys:
         rank = cfg.rank_pattern[rank_key] if rank_key is not None else cfg.r
         alpha = cfg.alpha_pattern[alpha_key] if alpha_key is not None else cfg.lora_alpha
         return rank, float(alpha), rank_key, alpha_key
-
-
-def pattern_key(pattern_keys: Iterable[str], name: str, rule: str) -> str | None:
-    """The ``rank_pattern``/``alpha_pattern`` key PEFT applies to ``name`` under ``rule`` (None: none applies)."""
-    keys = list(pattern_keys)
-    cfg = AdapterConfig(name="", path="", config_file="", target_modules=(), rank_pattern=dict.fromkeys(keys, 1))
-    return PatternKeys(cfg).key([("rank_pattern", k) for k in keys], name, rule)
-
-
-def rank_and_alpha(cfg: AdapterConfig, name: str, rule: str) -> tuple[int, float, str]:
-    """The (rank, alpha) PEFT's config gives ``name`` under ``rule``, and which keys decided it."""
-    rank, alpha, rank_key, alpha_key = PatternKeys(cfg).rank_and_alpha(name, rule)
-    return rank, alpha, _pattern_why(rank_key, alpha_key, rule)
 
 
 def _pattern_why(rank_key: str | None, alpha_key: str | None, rule: str) -> str:
@@ -370,12 +361,6 @@ class Resolution:
     modules: dict[str, ModuleChoice]
 
 
-def _describe(names: Iterable[str], limit: int = 4) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(repr(n) for n in names[:limit]) + more
-
-
 def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights_file: str
             ) -> tuple[str | None, dict[str, Match], set[str]]:
     names = list(names)
@@ -406,12 +391,12 @@ def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights
     if extra:
         first = sorted(extra)[0]
         raise AdapterError(
-            f"holds LoRA tensors for {len(extra)} module(s) that the config does not target: {_describe(extra)} "
+            f"holds LoRA tensors for {len(extra)} module(s) that the config does not target: {describe_names(extra)} "
             f"({verdicts[first].reason}).", adapter=cfg.name, file=weights_file, module=first,
             fix="use the adapter_config.json saved with these weights; the config and weights disagree.")
     first = sorted(missing)[0]
     raise AdapterError(
-        f"has no lora_A/lora_B for {len(missing)} module(s) the config targets: {_describe(missing)}.",
+        f"has no lora_A/lora_B for {len(missing)} module(s) the config targets: {describe_names(missing)}.",
         adapter=cfg.name, file=weights_file, module=first,
         fix="the weights file is incomplete or belongs to another config; save the adapter again.")
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ def write_swift_adapter(model_dir: Path, out: Path, spec: dict) -> dict[str, tup
     import torch
     from safetensors.torch import save_file
 
-    from .tiny_models import checkpoint_linear_names
+    from ..testing.tiny_models import checkpoint_linear_names
 
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(spec["seed"])
@@ -71,26 +70,16 @@ def write_swift_adapter(model_dir: Path, out: Path, spec: dict) -> dict[str, tup
     return deltas
 
 
-def write_merged(model_dir: Path, deltas: dict[str, tuple], out: Path) -> Path:
-    """The reference: W + scaling * B @ A in the checkpoint's own layout, every other file copied."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
-    weights = load_file(str(model_dir / "model.safetensors"))
-    for name, (a, b, scaling) in deltas.items():
-        w = weights[f"{name}.weight"]
-        weights[f"{name}.weight"] = (w.double() + scaling * (b.double() @ a.double())).to(w.dtype)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
 def run(workdir: Path) -> int:
     import torch
 
     import lmdeploy_regex_lora
-    from lmdeploy_regex_lora import hook
-    from lmdeploy_regex_lora.tiny_models import build_lmdeploy_model, make_tiny_model
-    from lmdeploy_regex_lora.verify import Mismatch, compare
+
+    from ..merge.writer import merge_checkpoint
+    from ..serve import hook
+    from ..testing.build import build_lmdeploy_model
+    from ..testing.compare import Mismatch, compare
+    from ..testing.tiny_models import make_tiny_model
 
     cpu = torch.device("cpu")
     _say(f"work folder: {workdir}")
@@ -141,15 +130,18 @@ def run(workdir: Path) -> int:
         plugin_log.setLevel(level)
     _say(f"   loaded in {time.perf_counter() - start:.2f} s")
     if plan is None:  # the hook returns LMDeploy's value; read the plan again for printing
-        from lmdeploy_regex_lora.loader import resolve
+        from ..serve.loader import resolve
 
-        plan = resolve(served, adapters)[0]
+        plan = resolve(served, adapters).plan
     _say("\n" + plan.render() + "\n")
     assert hook.is_installed()
 
-    _say("5. check against the merged checkpoints, loaded by LMDeploy natively:")
+    _say("5. check against the merged checkpoints (`lmdeploy-regex-lora merge`), loaded by LMDeploy natively:")
     base = build_lmdeploy_model(model_dir)
-    merged = {i: build_lmdeploy_model(write_merged(model_dir, d, workdir / f"merged-{i}")) for i, d in deltas.items()}
+    merged = {}
+    for i, name in enumerate(sorted(adapters), start=1):
+        out = merge_checkpoint(model_dir, adapters[name], workdir / f"merged-{i}", name=name, progress=False)["out"]
+        merged[i] = build_lmdeploy_model(out)
     try:
         stats = compare(served, base, merged)
     except Mismatch as exc:

@@ -1,0 +1,5 @@
+"""``python -m lmdeploy_regex_lora.cli``."""
+
+from .main import main
+
+raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""The resolved plan: which LMDeploy module gets which rank and scaling for which adapter, and why.
+
+Data flows one way: configs and tensors in (:mod:`.adapter_config`, :mod:`.adapter_weights`), the
+model's layout (:mod:`.model_map`), then this plan, plain data that tests and the CLI print, and
+only then LMDeploy's modules are filled from it (:mod:`.slots`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ..errors import AdapterError, Blame, where
+from .config import AdapterConfig
+from .matching import resolve_targets
+from .model_map import FOLDED, LM_HEAD, NON_TOKEN, PER_REQUEST, PLAIN_LINEAR, ModelMap, Serving, Site, rename, unrename
+from .weights import AdapterTensors, LoraPair
+
+#: LMDeploy's Triton LoRA kernel sizes a block with ``tl.arange(0, max(16, max_rank))``: it must be a
+#: power of two. The kernel masks rows past each adapter's own rank, so rounding up is exact.
+MIN_KERNEL_BLOCK = 16
+
+
+def kernel_block_rank(max_rank: int) -> int:
+    block = MIN_KERNEL_BLOCK
+    while block < max_rank:
+        block *= 2
+    return block
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One adapter on one Hugging Face linear layer."""
+
+    hf_name: str  # the name as the adapter (its trainer's model) has it
+    lmdeploy_module: str
+    slot: str
+    rank: int
+    alpha: float
+    scaling: float
+    serving: Serving
+    reason: str
+
+
+@dataclass
+class AdapterPlan:
+    name: str
+    adapter_id: int
+    path: str
+    config_file: str
+    weights_file: str
+    target_modules: str | list[str]
+    naming: str
+    use_rslora: bool
+    layer_rule: str | None
+    pattern_rule: str | None
+    modules: list[ModulePlan] = field(default_factory=list)
+
+
+@dataclass
+class SlotPlan:
+    """One LoRA slot (``lora_adapters[slot]`` on an LMDeploy linear) shared by all adapters."""
+
+    lmdeploy_module: str
+    slot: str
+    hf_name: str  # checkpoint name of the Hugging Face layer this slot stands for
+    in_features: int
+    out_features: int
+    base_slice: tuple[int, int]
+    ranks: list[int]  # per adapter id; id 0 is "no adapter" and always 0
+    scalings: list[float]
+    kernel_block_rank: int
+    serving: Serving = PER_REQUEST  # LM_HEAD slots map their rows to requests themselves (lm_head.py)
+
+
+@dataclass
+class FoldPlan:
+    """A layer whose rows are not token rows (vision tower, projector): LMDeploy cannot pick an adapter per
+    request there, so the one adapter that changes it is folded into its base weight for every request."""
+
+    hf_name: str  # checkpoint name
+    lmdeploy_module: str
+    adapter: str
+    adapter_id: int
+    scaling: float
+    rank: int
+    base_slice: tuple[int, int]  # the rows of the LMDeploy weight this layer occupies (packed layers)
+
+
+@dataclass
+class LoadPlan:
+    adapters: list[AdapterPlan]
+    slots: list[SlotPlan]
+    folds: list[FoldPlan] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"adapters": [asdict(a) for a in self.adapters], "slots": [asdict(s) for s in self.slots]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render(self) -> str:
+        """A table per adapter: module, slot, rank, alpha, scaling, why it matched."""
+        lines = []
+        for a in self.adapters:
+            lines.append(f"adapter {a.name!r} (id {a.adapter_id}) from {a.path}")
+            lines.append(f"  target_modules={a.target_modules!r}  naming: {a.naming}"
+                         f"{'  use_rslora' if a.use_rslora else ''}")
+            lines.append(f"  {'module (adapter name)':<56} {'LMDeploy slot':<44} {'r':>4} {'alpha':>7} {'scale':>8}")
+            for m in a.modules:
+                slot = f"{m.lmdeploy_module}[{m.slot}]"
+                lines.append(f"  {m.hf_name:<56} {slot:<44} {m.rank:>4} {m.alpha:>7g} {m.scaling:>8.4g}  {m.reason}")
+        for f in self.folds:
+            lines.append(f"folded into the base weight of {f.lmdeploy_module} for every request: adapter "
+                         f"{f.adapter!r} (r={f.rank}, scale={f.scaling:.4g}); LMDeploy cannot tell which request "
+                         "a vision/projector row belongs to")
+        lines.append(f"{len(self.slots)} LoRA slots; adapter ids: "
+                     + ", ".join(f"{a.adapter_id}={a.name}" for a in self.adapters) + " (0 = no adapter)")
+        return "\n".join(lines)
+
+
+@dataclass
+class ResolvedAdapter:
+    """An adapter after matching: its plan and, per site (checkpoint name), the module plan and tensors."""
+
+    plan: AdapterPlan
+    by_site: dict[str, tuple[ModulePlan, LoraPair]]
+
+
+@dataclass
+class ResolvedLoad:
+    """What one load hands from planning to the slots: the printable plan, every adapter's tensors by site,
+    and the model's sites (where each layer's rows go)."""
+
+    plan: LoadPlan
+    adapters: list[ResolvedAdapter]
+    sites: dict[str, Site]
+
+    def adapter(self, adapter_id: int) -> ResolvedAdapter:
+        return next(ra for ra in self.adapters if ra.plan.adapter_id == adapter_id)
+
+    def slot_where(self, slot: SlotPlan) -> dict[str, str | None]:
+        """The :func:`~lmdeploy_regex_lora.errors.where` context of a slot: its module, the adapters that
+        fill it, and their weights file when there is one adapter."""
+        owners = [ra for ra in self.adapters if slot.ranks[ra.plan.adapter_id]]
+        return {"module": slot.hf_name, "adapter": ", ".join(ra.plan.name for ra in owners) or None,
+                "file": owners[0].plan.weights_file if len(owners) == 1 else None}
+
+
+def resolve_adapter(
+    cfg: AdapterConfig, tensors: AdapterTensors, adapter_id: int, model_map: ModelMap
+) -> ResolvedAdapter:
+    """Match one adapter's config against the model and check it against its own tensors."""
+    file = tensors.file
+    bad = Blame(cfg.name, file)
+    label, rules = model_map.choose_scheme(cfg.name, file, list(tensors.pairs))
+    # Names as the trainer's model had them, for every linear layer of the served model.
+    names = {unrename(site_name, rules): site_name for site_name in model_map.sites}
+    # Which modules, under which PEFT layer / rank-alpha rules: the tensors decide (matching.resolve_targets).
+    resolution = resolve_targets(cfg, names, {n: p.rank for n, p in tensors.pairs.items()}, file)
+    _check_base_copies(cfg, tensors, rules, model_map)
+
+    plan = AdapterPlan(
+        name=cfg.name, adapter_id=adapter_id, path=cfg.path, config_file=cfg.config_file, weights_file=file,
+        target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
+        naming=label, use_rslora=cfg.use_rslora, layer_rule=resolution.layer_rule,
+        pattern_rule=resolution.pattern_rule,
+    )
+    by_site: dict[str, tuple[ModulePlan, LoraPair]] = {}
+    unservable: list[tuple[str, Site]] = []
+    for name in sorted(resolution.modules):
+        with where(module=name):
+            site = model_map.sites[rename(name, rules)]
+            pair = tensors.pairs[name]
+            _check_shapes(bad, name, pair, site, model_map)
+            serving = _serving(site)
+            if serving is None:
+                unservable.append((name, site))
+                continue
+            choice = resolution.modules[name]
+            module_plan = ModulePlan(name, site.lmdeploy_module, site.slot, pair.rank, choice.alpha, choice.scaling,
+                                     serving, choice.reason)
+            plan.modules.append(module_plan)
+            by_site[site.hf_name] = (module_plan, pair)
+    if unservable:
+        desc = ", ".join(f"{n!r} ({s.serving})" for n, s in unservable[:4])
+        more = f" and {len(unservable) - 4} more" if len(unservable) > 4 else ""
+        raise bad(f"targets layers LMDeploy cannot serve LoRA on: {desc}{more}. Dropping them would serve a model "
+                  "different from the one trained.",
+                  "merge the adapter into the base model (`lmdeploy-regex-lora merge`) and serve the merge.",
+                  module=unservable[0][0])
+    return ResolvedAdapter(plan=plan, by_site=by_site)
+
+
+def _serving(site: Site) -> Serving | None:
+    """How a targeted site is served, or None when it cannot be."""
+    if site.serving in (NON_TOKEN, PLAIN_LINEAR):
+        # Folding needs the checkpoint's row order, which an interleaved layout does not keep.
+        return None if site.interleaved_qkv is not None else FOLDED
+    if site.serving in (PER_REQUEST, LM_HEAD) and site.lora_capable:
+        return site.serving
+    return None
+
+
+def _check_shapes(bad: Blame, name: str, pair: LoraPair, site: Site, model_map: ModelMap) -> None:
+    rank = pair.rank
+    if tuple(pair.a.shape) == (rank, site.in_features) and tuple(pair.b.shape) == (site.out_features, rank):
+        return
+    module = model_map.modules.get(site.lmdeploy_module)
+    world = int(getattr(module, "tp", 1)) if getattr(module, "is_tp", False) else 1
+    shapes = f"lora_A is {tuple(pair.a.shape)} and lora_B is {tuple(pair.b.shape)}"
+    if world > 1:
+        # A sharded layer's full size is this rank's size x TP only when the split is even.
+        raise bad(f"{shapes}, but this tensor-parallel rank holds {site.out_features}x{site.in_features} (out x in) "
+                  f"of the layer as if split evenly over {world} ranks: either the layer is split unevenly (its "
+                  "heads do not divide by the TP size) or the adapter belongs to another base model.",
+                  "serve with a TP size that divides this layer's heads, or check that the adapter was trained on "
+                  "this base model.", module=name)
+    raise bad(f"{shapes}, but the model's layer is {site.out_features}x{site.in_features} (out x in).",
+              "the adapter was trained on a different base model (size or architecture); serve it on the model it "
+              "was trained on.", module=name)
+
+
+def check_base_copies(adapter: str, tensors: AdapterTensors, rules: tuple, same: Callable[[str, object], bool],
+                      *, against: str, fix: str, consequence: str = "LoRA slots cannot carry it") -> None:
+    """Full weights saved beside the LoRA tensors (``<module>.base_layer.weight``) must equal the base model's:
+    ``same(module, tensor)`` compares one under the base's name; any difference is refused."""
+    for key, (module, tensor) in sorted(tensors.base_copies.items()):
+        if not same(rename(module, rules), tensor):
+            raise Blame(adapter, tensors.file)(
+                f"tensor {key!r} is a full weight that differs from {against} (a resized vocabulary, "
+                f"modules_to_save, or another base model); {consequence}.", fix, module=module)
+
+
+def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, rules: tuple, model_map: ModelMap) -> None:
+    """Serving compares each copy with the weight LMDeploy serves (this TP rank's shard of it)."""
+    def same(name: str, tensor) -> bool:
+        served = model_map.base_weight(name)
+        if served is None:
+            return False
+        import torch
+
+        local = tensor
+        if tuple(served.shape) != tuple(tensor.shape) and tensor.shape[0] % served.shape[0] == 0:
+            from lmdeploy.pytorch.distributed import get_tp_world_rank
+
+            world, rank = get_tp_world_rank()
+            if world * served.shape[0] == tensor.shape[0]:
+                local = tensor.chunk(world, 0)[rank]
+        return tuple(served.shape) == tuple(local.shape) and torch.equal(
+            local.to(device=served.device, dtype=served.dtype), served.detach())
+
+    check_base_copies(cfg.name, tensors, rules, same, against="the served model's",
+                      fix="merge the adapter into the base model and serve the merge.")
+
+
+def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[FoldPlan]:
+    """Vision/projector deltas: fold when one adapter changes a layer (or all that do agree), else refuse."""
+    owners: dict[str, list[ResolvedAdapter]] = {}
+    for ra in resolved:
+        for site_name, (m, _) in ra.by_site.items():
+            if m.serving == FOLDED:
+                owners.setdefault(site_name, []).append(ra)
+    folds, conflicts = [], []
+    for site_name, ras in sorted(owners.items()):
+        with where(module=site_name):
+            fold = _fold_or_conflict(site_name, ras, model_map.sites[site_name].base_slice)
+        if fold is None:
+            conflicts.append((site_name, [r.plan.name for r in ras]))
+        else:
+            folds.append(fold)
+    if conflicts:
+        site_name, names = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more layers)" if len(conflicts) > 1 else ""
+        raise AdapterError(
+            f"adapters {', '.join(repr(n) for n in names)} change the same vision/projector layer differently"
+            f"{more}. LMDeploy cannot tell which request an image row belongs to, so at most one delta can be "
+            "folded into such a layer.", adapter=names[0], module=site_name,
+            fix="serve these adapters from separate servers, or merge each into its own copy of the base model.")
+    return folds
+
+
+def _fold_or_conflict(site_name: str, owners: list[ResolvedAdapter], base_slice: tuple[int, int]
+                      ) -> FoldPlan | None:
+    """The fold of the first owner, or None when another owner's delta differs from it."""
+    import torch  # serving path only (merge never plans folds)
+
+    first_m, first_p = owners[0].by_site[site_name]
+    if len(owners) > 1:  # only several owners need the deltas compared; slots computes the one it folds
+        reference = first_m.scaling * (first_p.b.double() @ first_p.a.double())
+        for other in owners[1:]:
+            m, p = other.by_site[site_name]
+            if not torch.equal(m.scaling * (p.b.double() @ p.a.double()), reference):
+                return None
+    return FoldPlan(site_name, first_m.lmdeploy_module, owners[0].plan.name, owners[0].plan.adapter_id,
+                    first_m.scaling, first_m.rank, base_slice)
+
+
+def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[SlotPlan]:
+    """One slot per targeted LMDeploy (module, slot); rank 0 for every adapter that leaves it alone."""
+    num_ids = 1 + len(resolved)
+    by_site: dict[str, SlotPlan] = {}
+    for ra in resolved:
+        for site_name, (m, _) in ra.by_site.items():
+            if m.serving == FOLDED:
+                continue
+            with where(adapter=ra.plan.name, file=ra.plan.weights_file, module=m.hf_name):
+                site = model_map.sites[site_name]
+                slot = by_site.get(site_name)
+                if slot is None:
+                    slot = by_site[site_name] = SlotPlan(site.lmdeploy_module, site.slot, site.hf_name,
+                                                         site.in_features, site.out_features, site.base_slice,
+                                                         [0] * num_ids, [0.0] * num_ids, 0, site.serving)
+                slot.ranks[ra.plan.adapter_id] = m.rank
+                slot.scalings[ra.plan.adapter_id] = m.scaling
+    for slot in by_site.values():
+        slot.kernel_block_rank = kernel_block_rank(max(slot.ranks))
+    return [by_site[k] for k in sorted(by_site)]
