@@ -88,7 +88,7 @@ def test_merged_checkpoints_equal_peft_merge(small_sets, tmp_path):
     """PEFT reads each swift-style adapter and its ``merge_and_unload`` gives our merged checkpoint."""
     from peft import LoraConfig
 
-    from tests.peft_fixtures import merge_adapter_checkpoint
+    from tests.support.peft_fixtures import merge_adapter_checkpoint
 
     for arch, ms in small_sets.items():
         for spec in ge.ADAPTERS[arch]:
@@ -445,7 +445,7 @@ def test_device_script_dry_run_on_cpu(pure_wheels, tmp_path):
     """``gpu_e2e_device.sh`` as the device runs it, in a throw-away venv over this one: pip installs the two
     pure wheels (the cp312 ones cannot install on this Python), then ``gpu_e2e --dry-run`` writes both models,
     checks the tokenizer and every LoRA slot of LMDeploy's CPU build with the plugin against the merges."""
-    from tests.venv_overlay import make_overlay_venv
+    from tests.support.venv_overlay import make_overlay_venv
 
     python = make_overlay_venv(tmp_path, pure_wheels[1])
     wheels = tmp_path / "wheels"
