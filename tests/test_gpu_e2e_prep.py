@@ -1,4 +1,4 @@
-"""Everything of the GPU end-to-end run (``benchmarks/gpu_e2e*.py``, ``gpu_e2e_device.sh``) that a CPU can check.
+"""Everything of the GPU end-to-end run (``benchmarks/gpu_e2e/``, its prepare and device scripts) a CPU can check.
 
 What cannot run here: LMDeploy's engine (it has no CPU path: ``device_type`` must be cuda/ascend/maca/camb), hence
 neither ``pipeline`` generation nor a real ``lmdeploy serve api_server``. The server client is therefore tested
@@ -27,29 +27,36 @@ import torch
 from packaging.utils import canonicalize_name
 from safetensors.torch import load_file
 
-from benchmarks import gpu_e2e as ge
 from benchmarks import gpu_e2e_prepare as prep
+from benchmarks.gpu_e2e import cli as gpu_cli
+from benchmarks.gpu_e2e import compare as gpu_compare
+from benchmarks.gpu_e2e import dry_run as gpu_dry_run
+from benchmarks.gpu_e2e import engine as gpu_engine
+from benchmarks.gpu_e2e import models as gpu_models
+from benchmarks.gpu_e2e import report as gpu_report
+from benchmarks.gpu_e2e import server as gpu_server
+from benchmarks.gpu_e2e import tokenizer as gpu_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SMALL = ge.Dims(vocab=64, hidden=32, intermediate=48, heads=4, kv_heads=2, layers=2)
+SMALL = gpu_models.Dims(vocab=64, hidden=32, intermediate=48, heads=4, kv_heads=2, layers=2)
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
 
 
 def test_parse_args_defaults_and_refusals(capsys):
-    args = ge.parse_args([])
+    args = gpu_cli.parse_args([])
     assert args.models == ["qwen2", "internlm2"] and args.dtype == "float16" and not args.dry_run
-    assert ge.parse_args(["--models", " internlm2 "]).models == ["internlm2"]
+    assert gpu_cli.parse_args(["--models", " internlm2 "]).models == ["internlm2"]
     for bad in (["--models", "llama"], ["--top-logprobs", "21"], ["--prompts", "30"], ["--hidden", "258"],
                 ["--bench-reps", "0"]):
         with pytest.raises(SystemExit):
-            ge.parse_args(bad)
+            gpu_cli.parse_args(bad)
     assert "unknown ['llama']" in capsys.readouterr().err
 
 
 def test_tolerance_grows_with_unit_roundoff():
-    fp16, bf16 = ge.TOLERANCE["float16"], ge.TOLERANCE["bfloat16"]
+    fp16, bf16 = gpu_compare.TOLERANCE["float16"], gpu_compare.TOLERANCE["bfloat16"]
     assert fp16.allow(0.0) == pytest.approx(0.05) and fp16.allow(-10.0) == pytest.approx(0.1)
     assert bf16.allow(-10.0) == pytest.approx(8 * fp16.allow(-10.0))  # 2**-8 / 2**-11
 
@@ -59,14 +66,15 @@ def test_tolerance_grows_with_unit_roundoff():
 
 @pytest.fixture(scope="module")
 def small_sets(tmp_path_factory):
-    return ge.prepare_models(tmp_path_factory.mktemp("gpu_e2e_small"), ge.ARCHS, SMALL, seed=3)
+    return gpu_models.prepare_models(tmp_path_factory.mktemp("gpu_e2e_small"), gpu_models.ARCHS, SMALL, seed=3)
 
 
 def test_every_adapter_trains_its_regex_targets(small_sets):
     for arch, ms in small_sets.items():
-        attn, head = ge.ADAPTERS[arch]
+        attn, head = gpu_models.ADAPTERS[arch]
         assert attn.r == 24 and head.r == 8
-        assert ge.LM_HEAD[arch] in ms.targets[head.name] and ge.LM_HEAD[arch] not in ms.targets[attn.name]
+        head_module = gpu_models.LM_HEAD[arch]
+        assert head_module in ms.targets[head.name] and head_module not in ms.targets[attn.name]
         # 2 layers: attention has 4 linears (qwen2) / 2 (internlm2) per layer, the MLP 3 plus the head.
         assert len(ms.targets[attn.name]) == {"qwen2": 8, "internlm2": 4}[arch]
         assert len(ms.targets[head.name]) == 2 * 3 + 1
@@ -91,7 +99,7 @@ def test_merged_checkpoints_equal_peft_merge(small_sets, tmp_path):
     from tests.support.peft_fixtures import merge_adapter_checkpoint
 
     for arch, ms in small_sets.items():
-        for spec in ge.ADAPTERS[arch]:
+        for spec in gpu_models.ADAPTERS[arch]:
             cfg = LoraConfig.from_pretrained(str(ms.adapters[spec.name]))
             assert cfg.target_modules == spec.regex and cfg.r == spec.r and cfg.use_rslora == spec.use_rslora
             adapter = ms.adapters[spec.name]
@@ -116,53 +124,54 @@ def test_merged_checkpoints_equal_peft_merge(small_sets, tmp_path):
 def test_tokenizer_names_every_id(small_sets):
     """Through LMDeploy's Tokenizer: ids map to the token strings the server's log-probabilities carry."""
     for ms in small_sets.values():
-        info = ge.check_tokenizer(ms)
-        assert info["eos"] == ge.EOS and info["vocab"] == SMALL.vocab
-    assert [ge.token_id(ge.token_string(i)) for i in range(SMALL.vocab)] == list(range(SMALL.vocab))
+        info = gpu_dry_run.check_tokenizer(ms)
+        assert info["eos"] == gpu_tokenizer.EOS and info["vocab"] == SMALL.vocab
+    ids = range(SMALL.vocab)
+    assert [gpu_tokenizer.token_id(gpu_tokenizer.token_string(i)) for i in ids] == list(ids)
     with pytest.raises(ValueError):
-        ge.token_id("hello")
+        gpu_tokenizer.token_id("hello")
 
 
 def test_prompts_are_ordinary_tokens_of_distinct_lengths():
-    prompts = ge.make_prompts(8, 512)
+    prompts = gpu_models.make_prompts(8, 512)
     assert [len(p) for p in prompts] == [5 + 6 * i for i in range(8)]
-    assert all(len(ge.SPECIAL_TOKENS) <= t < 512 for p in prompts for t in p)
-    assert prompts == ge.make_prompts(8, 512) and prompts != ge.make_prompts(8, 512, seed=1)
+    assert all(len(gpu_tokenizer.SPECIAL_TOKENS) <= t < 512 for p in prompts for t in p)
+    assert prompts == gpu_models.make_prompts(8, 512) and prompts != gpu_models.make_prompts(8, 512, seed=1)
 
 
 # ---------------------------------------------------------------------------------------------------- comparison
 
 
 def _seq(tokens, lps):
-    return ge.Seq(list(tokens), [dict(d) for d in lps])
+    return gpu_compare.Seq(list(tokens), [dict(d) for d in lps])
 
 
 def test_identical_sequences_pass_and_report_the_largest_difference():
     ref = _seq([5, 6], [{5: -0.5, 9: -1.5}, {6: -0.2, 7: -3.0}])
     got = _seq([5, 6], [{5: -0.52, 9: -1.5}, {6: -0.2, 7: -3.01}])
-    res = ge.compare_many([got], [ref])
+    res = gpu_compare.compare_many([got], [ref])
     assert res["ok"] and res["identical"] == 1 and res["max_lp_diff"] == pytest.approx(0.02)
 
 
 def test_a_near_tie_is_accepted_a_real_divergence_is_not():
     ref = _seq([5, 6, 8], [{5: -0.5}, {6: -0.70, 7: -0.72}, {8: -0.1}])
     tie = _seq([5, 7, 9], [{5: -0.5}, {7: -0.69, 6: -0.71}, {9: -0.1}])
-    res = ge.compare_many([tie], [ref])
+    res = gpu_compare.compare_many([tie], [ref])
     assert res["ok"] and res["identical"] == 0 and res["near_tie"] == 1
     assert res["diffs"][0]["step"] == 1
     wide = _seq([5, 7, 9], [{5: -0.5}, {7: -0.2, 6: -2.5}, {9: -0.1}])  # served prefers 7 by 2.3
-    res = ge.compare_many([wide], [ref])
+    res = gpu_compare.compare_many([wide], [ref])
     assert not res["ok"] and res["near_tie"] == 0
 
 
 def test_log_probabilities_out_of_tolerance_fail():
     ref = _seq([5], [{5: -1.0, 6: -2.0}])
-    assert not ge.compare_many([_seq([5], [{5: -1.0, 6: -2.2}])], [ref])["ok"]
+    assert not gpu_compare.compare_many([_seq([5], [{5: -1.0, 6: -2.2}])], [ref])["ok"]
     rows_ref = [[{3: -1.0}, {4: -8.0}]]
-    assert ge.compare_rows([[{3: -1.04}, {4: -8.08}]], rows_ref)["ok"]  # 0.04 <= 0.055, 0.08 <= 0.09
-    assert not ge.compare_rows([[{3: -1.04}, {4: -8.2}]], rows_ref)["ok"]
+    assert gpu_compare.compare_rows([[{3: -1.04}, {4: -8.08}]], rows_ref)["ok"]  # 0.04 <= 0.055, 0.08 <= 0.09
+    assert not gpu_compare.compare_rows([[{3: -1.04}, {4: -8.2}]], rows_ref)["ok"]
     with pytest.raises(ValueError):
-        ge.compare_rows([[{3: -1.0}]], rows_ref)
+        gpu_compare.compare_rows([[{3: -1.0}]], rows_ref)
 
 
 def _engine(gen, score, tps=None):
@@ -180,12 +189,12 @@ def test_evaluate_rows_flag_an_adapter_the_plugin_did_not_apply():
         "merged:a": _engine({"base": merged_seq}, {"base": merged_rows}, {"base": {"tokens_per_s": 100.0}}),
         "base": _engine({"base": base_seq}, {"base": base_rows}),
     }
-    rows = ge.evaluate("qwen2", engines, {"gen": {"a": merged_seq, "base": base_seq}})
+    rows = gpu_compare.evaluate("qwen2", engines, {"gen": {"a": merged_seq, "base": base_seq}})
     by = {(r["path"], r["adapter"]): r for r in rows}
     assert not by[("pipeline", "a")]["ok"] and by[("pipeline", "base")]["ok"]
     assert by[("pipeline", "a")]["tps"]["ratio"] == pytest.approx(0.9)
     assert by[("api_server", "a")]["ok"] and by[("api_server", "base")]["ok"]
-    table = ge.format_table(rows)
+    table = gpu_report.format_table(rows)
     assert "| qwen2 " in table and "0.900" in table and "NO" in table
 
 
@@ -235,7 +244,7 @@ FAKE_SERVER = textwrap.dedent('''
 
 def _expected(model_index: int, ids, n):
     toks = [3 + (sum(ids) + 5 * k + model_index) % 60 for k in range(n)]
-    return ge.Seq(toks, [{t: -0.25, (2 if t != 2 else 3): -2.5} for t in toks])
+    return gpu_compare.Seq(toks, [{t: -0.25, (2 if t != 2 else 3): -2.5} for t in toks])
 
 
 def test_server_client_against_a_stand_in_server(tmp_path):
@@ -244,16 +253,16 @@ def test_server_client_against_a_stand_in_server(tmp_path):
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
     reqlog = tmp_path / "requests.jsonl"
-    ms = ge.ModelSet("qwen2", tmp_path / "base", {"attn-r24": tmp_path, "mlp-head-r8": tmp_path}, {}, {})
-    args = ge.parse_args(["--new-tokens", "4", "--top-logprobs", "5", "--server-timeout", "30"])
-    prompts = ge.make_prompts(3, 64)
+    ms = gpu_models.ModelSet("qwen2", tmp_path / "base", {"attn-r24": tmp_path, "mlp-head-r8": tmp_path}, {}, {})
+    args = gpu_cli.parse_args(["--new-tokens", "4", "--top-logprobs", "5", "--server-timeout", "30"])
+    prompts = gpu_models.make_prompts(3, 64)
     procs = []
 
     def command(port):
         procs.append(port)
         return [sys.executable, str(script), str(port), str(reqlog)]
 
-    res = ge.run_server(ms, prompts, args, tmp_path / "server.log", command=command)
+    res = gpu_server.run_server(ms, prompts, args, tmp_path / "server.log", command=command)
     assert res["base_name"] == "/m/base" and set(res["gen"]) == {"base", "attn-r24", "mlp-head-r8"}
     for i, name in enumerate(["base", "attn-r24", "mlp-head-r8"]):
         assert [s.to_dict() for s in res["gen"][name]] == [_expected(i, p, 4).to_dict() for p in prompts]
@@ -267,15 +276,15 @@ def test_server_client_against_a_stand_in_server(tmp_path):
 
 
 def test_server_that_dies_or_hides_an_adapter_is_reported(tmp_path):
-    ms = ge.ModelSet("qwen2", tmp_path / "base", {"attn-r24": tmp_path, "other": tmp_path}, {}, {})
-    args = ge.parse_args(["--server-timeout", "30"])
+    ms = gpu_models.ModelSet("qwen2", tmp_path / "base", {"attn-r24": tmp_path, "other": tmp_path}, {}, {})
+    args = gpu_cli.parse_args(["--server-timeout", "30"])
     with pytest.raises(RuntimeError, match="exited with 7"):
-        ge.run_server(ms, [[5]], args, tmp_path / "a.log",
+        gpu_server.run_server(ms, [[5]], args, tmp_path / "a.log",
                       command=lambda port: [sys.executable, "-c", "import sys; sys.exit(7)"])
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
     with pytest.raises(RuntimeError, match=r"adapters \['other'\] missing"):
-        ge.run_server(ms, [[5]], args, tmp_path / "b.log",
+        gpu_server.run_server(ms, [[5]], args, tmp_path / "b.log",
                       command=lambda port: [sys.executable, str(script), str(port), str(tmp_path / "r.jsonl")])
 
 
@@ -298,14 +307,14 @@ def test_http_errors_keep_the_servers_explanation():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with pytest.raises(RuntimeError, match="HTTP 404: .*'nope' does not exist"):
-            ge.http_json(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", {"model": "nope"})
+            gpu_server.http_json(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", {"model": "nope"})
     finally:
         server.shutdown()
 
 
 def test_server_command_names_both_adapters_on_loopback(small_sets):
     ms = small_sets["internlm2"]
-    cmd = ge.server_command(ms, 4321, ge.parse_args([]), python="py")
+    cmd = gpu_server.server_command(ms, 4321, gpu_cli.parse_args([]), python="py")
     assert cmd[:5] == ["py", "-m", "lmdeploy", "serve", "api_server"] and cmd[5] == str(ms.base)
     text = " ".join(cmd)
     for piece in ("--backend pytorch", "--server-name 127.0.0.1", "--server-port 4321",
@@ -317,11 +326,11 @@ def test_server_command_names_both_adapters_on_loopback(small_sets):
 
 def test_engine_plan_covers_plugin_merged_and_base(small_sets):
     ms = small_sets["qwen2"]
-    plan = ge.engine_plan(ms, skip_throughput=False)
+    plan = gpu_engine.engine_plan(ms, skip_throughput=False)
     assert [p[0] for p in plan] == ["plugin", "merged:attn-r24", "merged:mlp-head-r8", "base"]
     assert plan[0][2] == {n: str(p) for n, p in ms.adapters.items()} and plan[0][3] == [*ms.adapters, None]
     assert all(p[2] is None for p in plan[1:]) and plan[1][1] == ms.merged["attn-r24"]
-    assert all(not p[4] for p in ge.engine_plan(ms, skip_throughput=True))
+    assert all(not p[4] for p in gpu_engine.engine_plan(ms, skip_throughput=True))
 
 
 # ---------------------------------------------------------------------------------------------------- wheels
@@ -371,7 +380,7 @@ def test_device_run_fits_the_device_tool():
     for call in (prep.DEVICE_RUN, prep.DEVICE_RERUN):
         assert len(call["command"]) <= 2000 and len(call["carry"]) <= 8 and 60 <= call["timeout_s"] <= 600
         extra = call["command"].split("gpu_e2e_device.sh", 1)[1].split()
-        args = ge.parse_args(extra)  # the arguments the script passes on are valid
+        args = gpu_cli.parse_args(extra)  # the arguments the script passes on are valid
         assert args.budget + 60 <= call["timeout_s"], "the table must come back before the call's limit"
         ignored = subprocess.run(["git", "check-ignore", "-q", *call["carry"]], cwd=ROOT)
         assert ignored.returncode == 0, "carried paths must be git-ignored (and so never committed)"
@@ -433,7 +442,7 @@ def test_image_packages_and_carried_wheels_suffice_for_lmdeploy(pure_wheels, tmp
         assert lmdeploy_regex_lora.__file__.startswith({str(site)!r})
         assert lmdeploy_regex_lora.is_installed(), "the .pth hook did not wrap add_adapters"
         assert importlib.util.find_spec("lmdeploy.turbomind._turbomind") is None
-        import tokenizers, safetensors, benchmarks.gpu_e2e
+        import tokenizers, safetensors, benchmarks.gpu_e2e.cli
         print("imports ok")
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LMDEPLOY_REGEX_LORA_DISABLE")}
@@ -463,12 +472,12 @@ def test_device_script_dry_run_on_cpu(pure_wheels, tmp_path):
     assert "plugin import hook registered at start-up: True" in log and "gpu_e2e exit code 0" in log
     report = json.loads((out / "gpu_e2e.json").read_text())
     assert report["machine"]["lmdeploy"] == md.version("lmdeploy")
-    for arch in ge.ARCHS:
+    for arch in gpu_models.ARCHS:
         stats = report["phases"][f"dry_run:{arch}"]
         # LMDeploy modules with a delta, 2 layers: attn-r24 2 per layer (qkv_proj/wqkv, o_proj/wo); mlp-head-r8
         # 2 per layer (gate_up_proj packs gate+up / w1+w3; down_proj/w2) plus the LM head.
         assert stats["targeted"] == 2 * 2 + 2 * 2 + 1, stats
-        assert stats["lm_head_slots"] == [ge.LM_HEAD[arch]] and 32 in stats["kernel_blocks"]
+        assert stats["lm_head_slots"] == [gpu_models.LM_HEAD[arch]] and 32 in stats["kernel_blocks"]
         assert stats["max_err"] < 1e-5
     assert (out / "device.log").read_text().count("plugin on CPU") == 2
 
@@ -481,7 +490,7 @@ def test_prepare_lists_pins(capsys):
 
 def test_main_without_cuda_stops_after_writing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rc = ge.main(["--models", "internlm2", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+    rc = gpu_cli.main(["--models", "internlm2", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
                   "--layers", "1", "--hidden", "32", "--intermediate", "48", "--vocab", "64"])
     assert rc == 2 and "no CUDA device" in capsys.readouterr().err
     report = json.loads((tmp_path / "o" / "gpu_e2e.json").read_text())
@@ -642,11 +651,11 @@ def test_whole_run_with_stand_ins_for_the_gpu_parts(ignore_adapters, tmp_path, m
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     script = tmp_path / "fake_lmdeploy_server.py"
     script.write_text(FAKE_LMDEPLOY_SERVER)
-    real_command = ge.server_command
-    monkeypatch.setattr(ge, "server_command", lambda ms, port, args: [sys.executable, str(script),
+    real_command = gpu_server.server_command
+    monkeypatch.setattr(gpu_server, "server_command", lambda ms, port, args: [sys.executable, str(script),
                                                                       *real_command(ms, port, args)[2:]])
     out = tmp_path / "out"
-    rc = ge.main(["--work", str(tmp_path / "w"), "--out", str(out), "--vocab", "64", "--hidden", "32",
+    rc = gpu_cli.main(["--work", str(tmp_path / "w"), "--out", str(out), "--vocab", "64", "--hidden", "32",
                   "--intermediate", "48", "--layers", "1", "--prompts", "3", "--new-tokens", "5",
                   "--bench-prompts", "4", "--bench-new-tokens", "3", "--bench-reps", "2", "--server-timeout", "30"])
     text = capsys.readouterr().out
@@ -663,7 +672,7 @@ def test_whole_run_with_stand_ins_for_the_gpu_parts(ignore_adapters, tmp_path, m
     if ignore_adapters:
         assert rc == 1 and "RESULT: FAIL" in text
         bad = {(r["arch"], r["path"], r["adapter"]) for r in rows if not r["ok"]}
-        assert bad == {(a, "pipeline", n) for a in ge.ARCHS for n in ("attn-r24", "mlp-head-r8")}
+        assert bad == {(a, "pipeline", n) for a in gpu_models.ARCHS for n in ("attn-r24", "mlp-head-r8")}
     else:
         assert rc == 0 and "RESULT: PASS" in text, text[-3000:]
         assert all(r["ok"] for r in rows) and all(r["gen"]["identical"] == 3 for r in rows)
@@ -680,9 +689,9 @@ def test_a_spent_budget_skips_later_phases_and_still_reports(tmp_path, monkeypat
     monkeypatch.setattr(lmdeploy, "pipeline",
                         lambda path, backend_config, **kw: _FakePipeline(path, backend_config, fns, False, opened))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    rc = ge.main(["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--vocab", "64", "--hidden", "32",
+    rc = gpu_cli.main(["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--vocab", "64", "--hidden", "32",
                   "--intermediate", "48", "--layers", "1", "--budget", "0"])
     assert rc == 1 and not opened and "RESULT: FAIL" in capsys.readouterr().out
     report = json.loads((tmp_path / "o" / "gpu_e2e.json").read_text())
-    assert [e["arch"] for e in report["errors"]] == list(ge.ARCHS)
+    assert [e["arch"] for e in report["errors"]] == list(gpu_models.ARCHS)
     assert all("--budget spent before pipeline plugin" in e["error"] for e in report["errors"])
