@@ -92,6 +92,29 @@ def test_qwen2_folder_loads_strictly_into_transformers(small_sets):
     assert model.config.hidden_size == SMALL.hidden and model.lm_head.weight.shape == (SMALL.vocab, SMALL.hidden)
 
 
+def test_base_weights_have_the_scales_the_run_assumes(small_sets):
+    """The weights come from the package's tiny-model generator, rescaled (``TINY_STD``): embeddings std 1 with a
+    zero padding row, linears 1/sqrt(fan_in), the LM head 2/sqrt(hidden), norms ~1; the special token ids of
+    ``generation_config.json`` (the package's) are the tokenizer's."""
+    for arch, ms in small_sets.items():
+        weights = load_file(str(ms.base / "model.safetensors"))
+        for key, t in weights.items():
+            leaf = key.rsplit(".", 2)[-2]
+            if t.dim() == 1:
+                mean = 0.0 if key.endswith(".bias") else 1.0  # std 0.02 either way
+                assert abs(t.mean().item() - mean) < 0.02 and t.std().item() < 0.04, key
+                continue
+            if leaf in ("embed_tokens", "tok_embeddings"):
+                assert not t[gpu_tokenizer.PAD].any() and t[gpu_tokenizer.PAD + 1:].std().item() == pytest.approx(
+                    1.0, rel=0.1), key
+                continue
+            want = (2.0 if leaf == gpu_models.LM_HEAD[arch] else 1.0) / t.shape[1] ** 0.5
+            assert t.std().item() == pytest.approx(want, rel=0.1), key
+        gen_cfg = json.loads((ms.base / "generation_config.json").read_text())
+        ids = (gen_cfg["pad_token_id"], gen_cfg["bos_token_id"], gen_cfg["eos_token_id"])
+        assert ids == (gpu_tokenizer.PAD, gpu_tokenizer.BOS, gpu_tokenizer.EOS)
+
+
 def test_merged_checkpoints_equal_peft_merge(small_sets, tmp_path):
     """PEFT reads each swift-style adapter and its ``merge_and_unload`` gives our merged checkpoint."""
     from peft import LoraConfig

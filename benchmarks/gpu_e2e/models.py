@@ -7,7 +7,6 @@ and each adapter merged into its base as ``W + scaling * B @ A`` in float64 (``w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import pathlib
@@ -16,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from .tokenizer import PAD, SPECIAL_TOKENS, write_tokenizer
+from .tokenizer import SPECIAL_TOKENS, write_tokenizer
 
 ARCHS: tuple[str, ...] = ("qwen2", "internlm2")
 
@@ -83,16 +82,22 @@ class ModelSet:
                 "merged": {k: str(v) for k, v in self.merged.items()}, "targets": self.targets}
 
 
-def _seed(seed: int, name: str) -> int:
-    """Per-tensor seed: a tensor's values depend on (seed, name) only."""
-    digest = hashlib.sha256(f"gpu_e2e:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+# Random values come from the package's tiny-model generator (``lmdeploy_regex_lora.tiny_models``): the same
+# per-(seed, name) seeds (``_tensor_seed``) and, for the base weights, the same tensors (``_random_tensor``: norms
+# ~1, biases std 0.02, the token embedding's padding row zero). Only the scale of the matrices is this run's own.
+
+#: The std ``tiny_models._random_tensor`` draws matrices with; ``_base_tensor`` rescales from it (a test pins the
+#: stds of the written weights, so a change there cannot go unnoticed).
+TINY_STD = 0.02
 
 
 def _randn(shape: tuple[int, ...], seed: int, name: str, std: float):
+    """Normal values of std ``std`` that depend on (seed, name) only, seeded as the package's tiny models are."""
     import torch
 
-    gen = torch.Generator().manual_seed(_seed(seed, name))
+    from lmdeploy_regex_lora.tiny_models import _tensor_seed
+
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
     return torch.randn(shape, generator=gen, dtype=torch.float32) * std
 
 
@@ -120,25 +125,29 @@ def checkpoint_shape(arch: str, key: str, d: Dims) -> tuple[int, ...]:
 
 
 def _base_tensor(key: str, shape: tuple[int, ...], seed: int):
-    """Norms ~1; embeddings std 1 (padding row zero, as LMDeploy loads it); linears std 1/sqrt(fan_in),
-    LM head 2/sqrt(hidden) (log-probabilities spread over a few units); biases std 0.02."""
-    leaf, kind = key.rsplit(".", 2)[-2:]
+    """The package's tiny-model tensor for ``key`` (norms ~1, biases std 0.02; the padding row of the embedding
+    zero, as LMDeploy loads it) with the matrices rescaled: embeddings std 1, linears std 1/sqrt(fan_in), the
+    LM head 2/sqrt(hidden) (log-probabilities spread over a few units)."""
+    from lmdeploy_regex_lora.tiny_models import _random_tensor
+
+    tensor = _random_tensor(key, shape, seed)
     if len(shape) == 1:
-        return _randn(shape, seed, key, 0.02) + (0.0 if kind == "bias" else 1.0)
+        return tensor
+    leaf = key.rsplit(".", 2)[-2]
     if leaf in ("embed_tokens", "tok_embeddings"):
-        t = _randn(shape, seed, key, 1.0)
-        t[PAD] = 0.0
-        return t
-    std = (2.0 if leaf in ("lm_head", "output") else 1.0) / math.sqrt(shape[1])
-    return _randn(shape, seed, key, std)
+        std = 1.0
+    else:
+        std = (2.0 if leaf in ("lm_head", "output") else 1.0) / math.sqrt(shape[1])
+    return tensor * (std / TINY_STD)
 
 
 def write_model(arch: str, out: pathlib.Path, d: Dims, seed: int = 0) -> pathlib.Path:
     """A complete model folder of ``arch`` at sizes ``d``.
 
     ``lmdeploy_regex_lora.tiny_models.make_tiny_model`` writes the folder (its config conventions, InternLM2's
-    remote-code config, generation config, checkpoint key names); this rescales the config and rewrites the
-    weights at ``d``'s sizes, and adds the tokenizer.
+    remote-code config, generation config, checkpoint key names); this rescales the config, writes the weights
+    again at ``d``'s sizes (``checkpoint_shape``; ``make_tiny_model``'s sizes are fixed) with the same generator,
+    rescaled (``_base_tensor``), and adds the tokenizer.
     """
     from safetensors.torch import save_file
 
@@ -246,7 +255,9 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """``n`` prompts of distinct lengths (5 .. 5 + 6(n-1) tokens) of ordinary tokens (no specials)."""
     import torch
 
-    gen = torch.Generator().manual_seed(_seed(seed, "prompts"))
+    from lmdeploy_regex_lora.tiny_models import _tensor_seed
+
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, "prompts"))
     prompts = []
     for i in range(n):
         length = 5 + 6 * i
