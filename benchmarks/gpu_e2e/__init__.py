@@ -8,7 +8,7 @@ CUDA machine, in one call:
    each with a word-level ``tokenizer.json``), two ms-swift-style regex adapters per model (``attn-r24``:
    rank 24 on the attention linears; ``mlp-head-r8``: rank 8, rsLoRA, on the MLP linears *and the LM head*)
    and the merged checkpoint of each adapter (``W + scaling * B @ A`` in float64, saved in float32). No PEFT
-   is needed for this; ``tests/test_gpu_e2e_prep.py`` checks on CPU that PEFT's own merge gives the same
+   is needed for this; ``tests/test_gpu_e2e_models.py`` checks on CPU that PEFT's own merge gives the same
    checkpoints and that PEFT loads the adapters;
 2. runs LMDeploy's ``pipeline`` with ``PytorchEngineConfig(adapters=...)`` (the plugin active through its
    ``.pth``), and each merged checkpoint (and the base model) without adapters, on the same prompts: greedy

@@ -212,7 +212,7 @@ def write_merged(model_dir: pathlib.Path, adapter_dir: pathlib.Path, spec: Adapt
 
     The same arithmetic as the package's ``demo.write_merged`` (which takes the deltas in memory): two
     hand-written reference merges, left for the package restructure to make one. PEFT's own merge checks this
-    one (``tests/test_gpu_e2e_prep.py``).
+    one (``tests/test_gpu_e2e_models.py``).
     """
     import torch
     from safetensors.torch import load_file, save_file
