@@ -1,9 +1,9 @@
 """Interpreter start-up with the plugin's ``.pth`` installed against without it.
 
-Overlay venvs on top of the dev venv (tests/venv_overlay.py): one with our freshly built wheel (so
+Overlay venvs on top of the dev venv (tests/support/venv_overlay.py): one with our freshly built wheel (so
 ``lmdeploy_regex_lora.pth`` runs at every start) and its bytecode compiled, as ``pip install`` does by
 default; one with the wheel but no bytecode (``pip install --no-compile`` into a site-packages Python
-cannot write to, or ``PYTHONDONTWRITEBYTECODE=1``), which is what tests/venv_overlay.py itself makes;
+cannot write to, or ``PYTHONDONTWRITEBYTECODE=1``), which is what tests/support/venv_overlay.py itself makes;
 and one identical venv with our files taken out again. Each command runs alternately in all of them,
 many times, with ``PYTHONDONTWRITEBYTECODE=1`` so that no run changes the state of the next; medians of
 wall time and of the child's CPU time (user + system, from ``wait4``) are compared. ``-X importtime``
@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 
-from tests.venv_overlay import PTH_NAME, build_wheel, make_overlay_venv, site_packages
+from tests.support.venv_overlay import PTH_NAME, build_wheel, make_overlay_venv, site_packages
 
 from . import common
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs benchmarks/gpu_e2e.py on the GPU machine (the device tool), from the repo root, in one call.
+# Runs python -m benchmarks.gpu_e2e (benchmarks/gpu_e2e/) on the GPU machine (the device tool), from the repo root.
 #
 # Needs .gpu_e2e/wheels from `python -m benchmarks.gpu_e2e_prepare` (run here first), carried with the call:
 #   run(command="bash benchmarks/gpu_e2e_device.sh", carry=[".gpu_e2e"], timeout_s=540)
-# Extra arguments go to gpu_e2e.py (e.g. --models qwen2 --skip-throughput for a short rerun).
+# Extra arguments go to benchmarks.gpu_e2e (e.g. --models qwen2 --skip-throughput for a short rerun).
 #
 # The wheels are installed into the machine's python3 environment itself (the machine is thrown away after the
 # lease): the plugin's .pth start-up hook only runs from a site directory, and the api_server's engine runs in a

@@ -1,4 +1,4 @@
-"""Put what the GPU machine needs for ``benchmarks/gpu_e2e.py`` into ``.gpu_e2e/wheels`` (git-ignored, carried).
+"""Put what the GPU machine needs for ``benchmarks/gpu_e2e/`` into ``.gpu_e2e/wheels`` (git-ignored, carried).
 
 The device machine has no network, Python 3.12 with torch (CUDA), transformers, peft, safetensors, regex and the
 other packages of its image (``DEVICE_PACKAGES``), and no LMDeploy. A call carries at most 64 MiB, and LMDeploy's

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import AdapterError
+from .errors import AdapterError, Blame
 
 if TYPE_CHECKING:
     import torch
@@ -281,53 +281,54 @@ def parse_header(data: bytes | memoryview, file: str, *, adapter: str | None = N
 
     ``data`` may be a memory map: only the length field and the header are sliced out of it.
     """
-    def bad(problem: str, field: str | None = None, fix: str = DAMAGED_FIX) -> AdapterError:
-        return AdapterError(problem, adapter=adapter, file=file, field=field, fix=fix)
-
+    bad = Blame(adapter, file)
     size = len(data)
     if size < 8:
         raise bad(f"is {size} bytes long, shorter than the 8-byte header length a safetensors file starts "
-                  "with (truncated).")
+                  "with (truncated).", DAMAGED_FIX)
     length = int.from_bytes(bytes(data[:8]), "little")
     if length > size - 8:
         raise bad(f"its header length field says {length} bytes, but only {size - 8} bytes follow (truncated, or "
-                  "not a safetensors file).", "header length")
+                  "not a safetensors file).", DAMAGED_FIX, field="header length")
     if length > MAX_HEADER:
-        raise bad(f"its header claims {length} bytes, more than safetensors allows ({MAX_HEADER}).", "header length")
+        raise bad(f"its header claims {length} bytes, more than safetensors allows ({MAX_HEADER}).", DAMAGED_FIX,
+                  field="header length")
     raw = bytes(data[:8 + length])
     try:
         text = raw[8:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise bad(f"its header is not UTF-8 (byte {exc.start}); tensor names must be UTF-8.", "header") from None
+        raise bad(f"its header is not UTF-8 (byte {exc.start}); tensor names must be UTF-8.", DAMAGED_FIX,
+                  field="header") from None
     try:
         header = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
-        raise bad("its header nests JSON too deeply.", "header") from None
+        raise bad("its header nests JSON too deeply.", DAMAGED_FIX, field="header") from None
     except ValueError as exc:
-        raise bad(f"its header is not valid JSON ({exc}).", "header") from None
+        raise bad(f"its header is not valid JSON ({exc}).", DAMAGED_FIX, field="header") from None
     if not isinstance(header, dict):
-        raise bad(f"its header is a JSON {type(header).__name__}, not an object of tensors.", "header")
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object of tensors.", DAMAGED_FIX,
+                  field="header")
     return Header(file=file, entries=_entries(header, 8 + length, size, bad), metadata=header.get("__metadata__"),
                   raw=raw, size=size)
 
 
-def _entries(header: dict, data_start: int, size: int, bad) -> dict[str, Entry]:
+def _entries(header: dict, data_start: int, size: int, bad: Blame) -> dict[str, Entry]:
     data_len = size - data_start
     entries: dict[str, Entry] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
         if not _well_formed(info):
-            raise bad(f"tensor {key!r} has a malformed entry {info!r}.", key)
+            raise bad(f"tensor {key!r} has a malformed entry {info!r}.", DAMAGED_FIX, field=key)
         start, end = info["data_offsets"]
         if not 0 <= start <= end <= data_len:
             raise bad(f"tensor {key!r} claims bytes {start}..{end} of a {data_len}-byte data section "
-                      "(truncated or damaged).", key)
+                      "(truncated or damaged).", DAMAGED_FIX, field=key)
         dtype = DTYPES.get(info["dtype"])
         if dtype is not None and math.prod(info["shape"]) * dtype.itemsize != end - start:
             raise bad(f"tensor {key!r} ({info['dtype']}, shape {info['shape']}) needs "
                       f"{math.prod(info['shape']) * dtype.itemsize} bytes but its data_offsets span {end - start}.",
-                      key)
+                      DAMAGED_FIX, field=key)
         entries[key] = Entry(info["dtype"], tuple(info["shape"]), data_start + start, end - start)
     return entries
 
@@ -335,26 +336,25 @@ def _entries(header: dict, data_start: int, size: int, bad) -> dict[str, Entry]:
 def check_layout(header: Header, *, adapter: str | None = None, known: object = DTYPES) -> list[tuple[str, Entry]]:
     """The entries in file order, refusing what the safetensors library refuses: dtypes not in ``known``,
     a ``__metadata__`` that is not text to text, gaps or overlaps between tensors, bytes left over."""
-    def unreadable(reason: str) -> AdapterError:
-        return AdapterError(f"cannot be read as safetensors ({reason}).", adapter=adapter, file=header.file,
-                            fix="the upload or copy is probably incomplete or damaged; copy the file again.")
-
+    bad = Blame(adapter, header.file)
+    fix = "the upload or copy is probably incomplete or damaged; copy the file again."
     meta = header.metadata
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise unreadable("__metadata__ must map names to strings")
+        raise bad("cannot be read as safetensors (__metadata__ must map names to strings).", fix)
     ordered = sorted(header.entries.items(), key=lambda kv: (kv[1].offset, kv[1].offset + kv[1].nbytes))
     expected = header.data_start
     for key, entry in ordered:
         if entry.dtype not in known:
-            raise unreadable(f"tensor {key!r} has the unknown dtype {entry.dtype!r}")
+            raise bad(f"cannot be read as safetensors (tensor {key!r} has the unknown dtype {entry.dtype!r}).", fix)
         if entry.offset != expected:
-            raise unreadable(f"tensor {key!r} starts at byte {entry.offset - header.data_start} of the data "
-                             f"section, the previous tensor ends at {expected - header.data_start} (tensors must "
-                             "follow each other without gap or overlap)")
+            start, end = entry.offset - header.data_start, expected - header.data_start
+            raise bad(f"cannot be read as safetensors (tensor {key!r} starts at byte {start} of the data section, "
+                      f"the previous tensor ends at {end}; tensors must follow each other without gap or "
+                      "overlap).", fix)
         expected = entry.offset + entry.nbytes
     if expected != header.size:
-        raise unreadable(f"the tensors end at byte {expected - header.data_start} of a {header.data_len}-byte data "
-                         "section")
+        raise bad(f"cannot be read as safetensors (the tensors end at byte {expected - header.data_start} of a "
+                  f"{header.data_len}-byte data section).", fix)
     return ordered
 
 

@@ -11,8 +11,8 @@ trap 'rm -rf "$TMP"' EXIT
 
 # The wheel is built (pip wheel --no-deps --no-build-isolation) from a copy of the tree, so the
 # repo stays free of build/ and *.egg-info; the same helper builds the overlay the tests use.
-WHEEL="$("$VENV/bin/python" "$ROOT/tests/venv_overlay.py" build-wheel "$TMP")"
-PY="$("$VENV/bin/python" "$ROOT/tests/venv_overlay.py" overlay "$TMP" "$WHEEL")"
+WHEEL="$("$VENV/bin/python" "$ROOT/tests/support/venv_overlay.py" build-wheel "$TMP")"
+PY="$("$VENV/bin/python" "$ROOT/tests/support/venv_overlay.py" overlay "$TMP" "$WHEEL")"
 echo "demo.sh: $(basename "$WHEEL") installed in overlay venv $(dirname "$(dirname "$PY")")" >&2
 
 cd "$TMP"  # not the repo root: the package must come from the wheel, not the source tree

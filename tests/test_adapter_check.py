@@ -16,7 +16,7 @@ import pytest
 
 import lmdeploy_regex_lora
 from lmdeploy_regex_lora.serve import hook
-from tests.peft_fixtures import make_peft_adapter
+from tests.support.peft_fixtures import make_peft_adapter
 
 
 @pytest.fixture

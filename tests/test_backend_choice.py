@@ -9,7 +9,7 @@ is untouched. ``pipeline()`` needs no guard: adapters only exist on ``PytorchEng
 LMDeploy's own ``autoget_backend_config`` always maps to PyTorch.
 
 The commands run in a venv holding our installed wheel (activated by its ``.pth`` alone), through
-LMDeploy's own argparse parsers and command functions; ``tests/backend_choice_run.py`` says which two
+LMDeploy's own argparse parsers and command functions; ``tests/scripts/backend_choice.py`` says which two
 GPU-only parts stand in (TurboMind's CUDA extension, the engine start).
 """
 
@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 
 from lmdeploy_regex_lora.serve.cli_guard import BACKEND_SWITCH
-from tests.peft_fixtures import make_peft_adapter
-from tests.venv_overlay import build_wheel, make_overlay_venv
+from tests.support.peft_fixtures import make_peft_adapter
+from tests.support.venv_overlay import build_wheel, make_overlay_venv
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def results(tiny_model, tmp_path_factory) -> dict:
     base = tiny_model("qwen2")
     adapter = make_peft_adapter(base, tmp / "adapter", seed=3, target_modules=r"^(model.*\.(q_proj|v_proj))$", r=8)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LMDEPLOY_REGEX_LORA_DISABLE")}
-    proc = subprocess.run([str(python), str(HERE / "backend_choice_run.py"), str(base), str(adapter)],
+    proc = subprocess.run([str(python), str(SCRIPTS / "backend_choice.py"), str(base), str(adapter)],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     out: dict = {"runs": {}}

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from lmdeploy_regex_lora.errors import AdapterError, printable
 from lmdeploy_regex_lora.serve.matching import REGEX_BUDGET_S
-from tests._hostile import (
+from tests.support.bad_inputs import (
     PREFIX,
     ModelState,
     RunsCode,
@@ -46,7 +46,7 @@ from tests._hostile import (
     run_forked,
     safetensors_bytes,
 )
-from tests.peft_fixtures import make_peft_adapter
+from tests.support.peft_fixtures import make_peft_adapter
 
 QWEN_LEAVES = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 GOOD_TARGET = rf"^(model.*\.({QWEN_LEAVES}))$"  # swift's regex form
@@ -733,7 +733,7 @@ def test_adapter_landing_nowhere_is_an_error(model, good_adapter, base_dir, tiny
 def three(base_dir, tmp_path_factory):
     """Adapters a, c (good, different targets and ranks) and the merged references; b is damaged per test."""
     from lmdeploy_regex_lora.testing.compare import load_models
-    from tests.peft_fixtures import merge_adapter_checkpoint
+    from tests.support.peft_fixtures import merge_adapter_checkpoint
 
     root = tmp_path_factory.mktemp("three")
     a = make_peft_adapter(base_dir, root / "a", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, seed=1)

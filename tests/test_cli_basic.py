@@ -9,7 +9,7 @@ import pytest
 
 from lmdeploy_regex_lora.cli.common import group_rows, layer_pattern, parse_adapters, table
 from lmdeploy_regex_lora.errors import AdapterError
-from tests.cli_run import ROOT, describe, run_cli
+from tests.support.cli_run import ROOT, describe, run_cli
 
 COMMANDS = ("inspect", "verify", "merge", "doctor")
 

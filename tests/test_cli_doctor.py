@@ -1,6 +1,6 @@
 """``doctor``: is the hook active in a fresh interpreter, and why not, in the installs users really have.
 
-Our wheel in an overlay venv (tests/venv_overlay.py) is what ``pip install`` gives; an editable install
+Our wheel in an overlay venv (tests/support/venv_overlay.py) is what ``pip install`` gives; an editable install
 and the bare source tree are the two ways people end up without the start-up ``.pth``.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_run import ROOT, describe, json_out, run_cli
-from tests.venv_overlay import build_wheel, make_overlay_venv, site_packages
+from tests.support.cli_run import ROOT, describe, json_out, run_cli
+from tests.support.venv_overlay import build_wheel, make_overlay_venv, site_packages
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from lmdeploy_regex_lora.cli.inspect import inspect_adapters
 from lmdeploy_regex_lora.errors import AdapterError
 from lmdeploy_regex_lora.serve.weights import read_adapter_tensors
-from tests.cli_run import describe, json_out, run_cli
-from tests.peft_fixtures import make_peft_adapter
+from tests.support.cli_run import describe, json_out, run_cli
+from tests.support.peft_fixtures import make_peft_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ anything is written; memory bounded by blocks, not shards; neither torch nor LMD
 
 The base is a tiny InternLM2 (its ``wqkv`` rows are interleaved in the checkpoint, so a merge in the
 wrong layout would show) re-sharded into three bf16 files with an index. The reference is PEFT's own
-``merge_and_unload`` (tests/peft_fixtures.py); "what the plugin serves" is ``verify --against``.
+``merge_and_unload`` (tests/support/peft_fixtures.py); "what the plugin serves" is ``verify --against``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.cli_run import ROOT, describe, json_out, read_all, reshard, run_cli
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.cli_run import ROOT, describe, json_out, read_all, reshard, run_cli
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 pytestmark = pytest.mark.slow
 

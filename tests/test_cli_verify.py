@@ -1,6 +1,6 @@
 """``verify``: the plugin's served weights against merged checkpoints, as a user runs it.
 
-``--against`` with PEFT's own merge (tests/peft_fixtures.py) gives an independent reference: it must
+``--against`` with PEFT's own merge (tests/support/peft_fixtures.py) gives an independent reference: it must
 pass, and the same merge with one weight nudged must fail naming that module.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.cli_run import describe, json_out, run_cli
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.cli_run import describe, json_out, run_cli
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -30,8 +30,8 @@ from lmdeploy_regex_lora.serve.config import (
     read_adapter_config,
 )
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
-from tests.peft_fixtures import build_hf_module_tree, make_peft_adapter, merge_adapter_checkpoint
-from tests.peft_releases import RELEASES, wheel
+from tests.support.peft_fixtures import build_hf_module_tree, make_peft_adapter, merge_adapter_checkpoint
+from tests.support.peft_releases import RELEASES, wheel
 
 
 def patch_config(folder: Path, **fields) -> Path:

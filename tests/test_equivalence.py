@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmdeploy_regex_lora.testing.compare import compare, load_models
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 QWEN_LEAVES = "v_proj|up_proj|o_proj|k_proj|down_proj|gate_proj|q_proj"
 INTERNLM2_LEAVES = "w2|w3|w1|wo|wqkv"

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.venv_overlay import PTH_NAME, ROOT, build_wheel, make_overlay_venv, site_packages
+from tests.support.venv_overlay import PTH_NAME, ROOT, build_wheel, make_overlay_venv, site_packages
 
 pytestmark = pytest.mark.slow
 

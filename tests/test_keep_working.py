@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from lmdeploy_regex_lora.testing.compare import compare, linear_modules, load_models
-from tests._hostile import ModelState, RunsCode, live_payload_check, load
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.bad_inputs import ModelState, RunsCode, live_payload_check, load
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 TARGET = r"^(model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj))$"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.interpreted import adapters_and_merges, run_interpreted
+from tests.support.triton_interpreter import adapters_and_merges, run_interpreted
 
 CASES = {
     # ranks 24 and 8 on shared modules: the kernel block must be 32.
@@ -30,6 +30,6 @@ CASES = {
 def test_kernel_mixed_batch(arch, tiny_model, tmp_path):
     base = tiny_model(arch)
     adapters, merged = adapters_and_merges(base, tmp_path, CASES[arch], seed=5)
-    result = run_interpreted("kernel_run.py", {"base": str(base), "adapters": adapters, "merged": merged,
+    result = run_interpreted("kernel.py", {"base": str(base), "adapters": adapters, "merged": merged,
                                                "prefill_ids": [1, 0, 2, 1, 2]}, tmp_path)
     assert result["modules"] > 0 and not result["failures"], result

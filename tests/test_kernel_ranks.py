@@ -1,6 +1,6 @@
 """Ranks 24 and 48 and per-module ranks from rank_pattern, through LMDeploy's own Triton LoRA kernel.
 
-Same harness as ``test_kernel.py`` (``kernel_run.py`` under ``TRITON_INTERPRET=1`` in a subprocess; the
+Same harness as ``test_kernel.py`` (``tests/scripts/kernel.py`` under ``TRITON_INTERPRET=1`` in a subprocess; the
 kernel is LMDeploy's, interpreted on CPU; only its autotuner is cut to one config): a packed batch
 mixing both adapters and no adapter, per LoRA-carrying linear, against PEFT's merged checkpoints.
 """
@@ -11,7 +11,7 @@ import pytest
 
 from lmdeploy_regex_lora.serve.loader import resolve
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
-from tests.interpreted import adapters_and_merges, run_interpreted
+from tests.support.triton_interpreter import adapters_and_merges, run_interpreted
 
 # One adapter whose ranks differ per module (8 / 24 / 48 from rank_pattern, alpha per module too) and one of
 # rank 48 with rsLoRA, sharing q_proj and down_proj: those slots hold ranks 48 + 48 in a 64-row kernel block.
@@ -36,6 +36,6 @@ def test_kernel_ranks_24_48_and_rank_pattern(tiny_model, tmp_path):
                      "model.layers.0.mlp.down_proj": 48, "model.layers.1.mlp.down_proj": 48}
     assert {s.kernel_block_rank for s in plan.slots} >= {64, 32}
 
-    result = run_interpreted("kernel_run.py", {"base": str(base), "adapters": adapters, "merged": merged,
+    result = run_interpreted("kernel.py", {"base": str(base), "adapters": adapters, "merged": merged,
                                                "prefill_ids": [2, 0, 1, 2, 1]}, tmp_path)
     assert result["modules"] > 0 and not result["failures"], result

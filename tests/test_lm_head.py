@@ -1,6 +1,6 @@
 """LM-head LoRA per request: every row of a batch mixing two adapters and none gets its own adapter.
 
-Runs tests/lm_head_run.py in a subprocess (TRITON_INTERPRET must be set before Triton is imported).
+Runs tests/scripts/lm_head.py in a subprocess (TRITON_INTERPRET must be set before Triton is imported).
 Row layouts come from LMDeploy's own agent code; the kernel is LMDeploy's, interpreted on CPU.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.interpreted import adapters_and_merges, run_interpreted
+from tests.support.triton_interpreter import adapters_and_merges, run_interpreted
 
 CASES = {
     "qwen2": [
@@ -28,5 +28,5 @@ CASES = {
 def test_lm_head_rows_follow_their_request(arch, tiny_model, tmp_path):
     base = tiny_model(arch)
     adapters, merged = adapters_and_merges(base, tmp_path, CASES[arch], seed=21)
-    result = run_interpreted("lm_head_run.py", {"base": str(base), "adapters": adapters, "merged": merged}, tmp_path)
+    result = run_interpreted("lm_head.py", {"base": str(base), "adapters": adapters, "merged": merged}, tmp_path)
     assert len(result["cases"]) == 5 and not result["failures"], result

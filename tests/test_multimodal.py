@@ -16,7 +16,7 @@ import torch
 from lmdeploy_regex_lora.errors import AdapterError
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 from lmdeploy_regex_lora.testing.compare import compare, load_models
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 INTERNVL = "internvl2_internlm2"
 LLM_ONLY = dict(target_modules=["wqkv", "w2"], r=8, lora_alpha=16)

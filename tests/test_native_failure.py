@@ -12,7 +12,7 @@ import torch
 import lmdeploy_regex_lora
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 from lmdeploy_regex_lora.testing.compare import compare, load_models
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lmdeploy_regex_lora.errors import AdapterError
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
-from tests.peft_fixtures import make_peft_adapter
+from tests.support.peft_fixtures import make_peft_adapter
 
 CPU = torch.device("cpu")
 

@@ -7,7 +7,7 @@ Three kinds of reference, each named where it is used:
   resolves from the adapter PEFT saved (:func:`test_injection_differential`), and PEFT's
   ``merge_and_unload`` is compared with the served model end to end (:func:`test_served_equals_merged`).
 * **PEFT 0.10 .. 0.21 (their own source)**: the matching and rank/alpha code of each release, read from
-  its wheel (``tests/peft_releases.py``), against the plugin's rules for that ``peft_version``
+  its wheel (``tests/support/peft_releases.py``), against the plugin's rules for that ``peft_version``
   (:func:`test_every_release_matches_like_the_plugin`).
 * **Hand-derived tables** from the rule tables in ``lora-serving-peers.md`` §2, for the rules of the
   releases that are not installed (:func:`test_pattern_rules_by_hand`, :func:`test_layer_index_by_hand`).
@@ -44,9 +44,9 @@ from lmdeploy_regex_lora.serve.matching import (
 from lmdeploy_regex_lora.serve.model_map import ModelMap, unrename
 from lmdeploy_regex_lora.serve.weights import read_adapter_tensors
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
-from tests.config_gen import HypothesisChooser, SeededChooser, gen_config, pools_for
-from tests.peft_fixtures import build_hf_module_tree, make_peft_adapter, merge_adapter_checkpoint
-from tests.peft_releases import RELEASES, load_oracle
+from tests.support.config_gen import HypothesisChooser, SeededChooser, gen_config, pools_for
+from tests.support.peft_fixtures import build_hf_module_tree, make_peft_adapter, merge_adapter_checkpoint
+from tests.support.peft_releases import RELEASES, load_oracle
 
 # arch -> naming of the tree the adapters are trained on (internvl_hf: transformers >= 4.52 names).
 ARCHS = {

@@ -16,7 +16,7 @@ import torch
 from lmdeploy_regex_lora.errors import AdapterError
 from lmdeploy_regex_lora.serve import loader, slots
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
-from tests.peft_fixtures import make_peft_adapter
+from tests.support.peft_fixtures import make_peft_adapter
 
 
 @pytest.fixture

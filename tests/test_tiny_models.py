@@ -29,7 +29,13 @@ from lmdeploy_regex_lora.testing.tiny_models import (
     checkpoint_linear_names,
     make_tiny_model,
 )
-from tests.peft_fixtures import NAMINGS, build_hf_module_tree, hf_name, make_peft_adapter, merge_adapter_checkpoint
+from tests.support.peft_fixtures import (
+    NAMINGS,
+    build_hf_module_tree,
+    hf_name,
+    make_peft_adapter,
+    merge_adapter_checkpoint,
+)
 
 LMDEPLOY_CLASSES = {
     "qwen2": "qwen2.Qwen2ForCausalLM",
@@ -229,7 +235,7 @@ def test_vlm_tree_is_what_transformers_loads(arch, tiny_model):
     key, and gives exactly the ``tf5`` tree, so the renaming table agrees with transformers'."""
     import transformers
 
-    from tests.peft_fixtures import _VLM_CLASSES
+    from tests.support.peft_fixtures import _VLM_CLASSES
 
     folder = tiny_model(arch)
     cls = getattr(transformers, _VLM_CLASSES[arch])

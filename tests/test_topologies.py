@@ -5,7 +5,7 @@ in a ``spawn`` child (``ZMQMPEngine``, ``mp_engine_proc``); tp>1 builds one mode
 workers (``MPExecutor``, ``ExecutorProc-<rank>``) or in Ray actors (the default on CUDA). A monkeypatch
 in the parent reaches none of them; the ``.pth`` start-up hook must.
 
-``tests/topology_run.py`` starts each kind of process with LMDeploy's own process-start code where it
+``tests/scripts/topology.py`` starts each kind of process with LMDeploy's own process-start code where it
 runs on CPU (``ZMQMPEngine._start_mp_proc``, ``ExecutorProc.start``, ``init_ray_cluster`` with Ray's
 actor options as ``RayExecutor`` sets them); only the process targets, which would start a CUDA engine,
 are replaced by a probe (its docstring lists exactly what). The script runs with the python of a venv
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.peft_fixtures import make_peft_adapter
-from tests.venv_overlay import build_wheel, make_overlay_venv, site_packages
+from tests.support.peft_fixtures import make_peft_adapter
+from tests.support.venv_overlay import build_wheel, make_overlay_venv, site_packages
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
+SCRIPTS = Path(__file__).parent / "scripts"
 STARTUP_ONLY = ["lmdeploy_regex_lora_boot"]  # the .pth imports this module alone, no package
 
 
@@ -45,7 +45,7 @@ def setup(tiny_model, tmp_path_factory):
 def run_topology(setup, topology: str, tmp_path: Path) -> tuple[dict, list[dict]]:
     python, base, adapter = setup
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LMDEPLOY_REGEX_LORA_DISABLE")}
-    proc = subprocess.run([str(python), str(HERE / "topology_run.py"), topology, str(base), str(adapter),
+    proc = subprocess.run([str(python), str(SCRIPTS / "topology.py"), topology, str(base), str(adapter),
                            str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     parent = next(json.loads(line[len("PARENT "):]) for line in proc.stdout.splitlines()

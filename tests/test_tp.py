@@ -25,7 +25,7 @@ import torch
 
 from lmdeploy_regex_lora.errors import AdapterError
 from lmdeploy_regex_lora.testing.compare import compare, linear_modules, slot_delta
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
 
 pytestmark = pytest.mark.slow
 

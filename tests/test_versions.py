@@ -1,11 +1,11 @@
 """The plugin against several LMDeploy releases, each a real PyPI release in its own overlay venv.
 
-Each release is installed with ``pip install --no-deps --target`` into an overlay venv (tests/venv_overlay.py)
+Each release is installed with ``pip install --no-deps --target`` into an overlay venv (tests/support/venv_overlay.py)
 that also holds our wheel and sees the dev venv's torch / transformers / triton behind them, so the older
 ``lmdeploy`` is imported ahead of the dev venv's 0.18.0 (the runner checks which file it imported). pip
 caches the downloads; a failed download fails the test.
 
-For every release in the supported range (``hook.SUPPORTED``), tests/version_run.py checks, with the plugin
+For every release in the supported range (``hook.SUPPORTED``), tests/scripts/version.py checks, with the plugin
 activated by its ``.pth`` alone: LMDeploy's ``add_adapters`` and the CLI commands that choose an engine are
 wrapped; two adapters (a swift regex and a list, ranks 24 and 8) on Qwen2 and on InternVL2 (InternLM2, where
 LMDeploy's own InternVL LoRA path fails) give exactly PEFT's merged weights, as that release loads them; a few
@@ -34,12 +34,12 @@ import pytest
 from packaging.version import Version
 
 from lmdeploy_regex_lora.serve.hook import SUPPORTED
-from tests.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
-from tests.venv_overlay import build_wheel, make_overlay_venv, site_packages
+from tests.support.peft_fixtures import make_peft_adapter, merge_adapter_checkpoint
+from tests.support.venv_overlay import build_wheel, make_overlay_venv, site_packages
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).parent
+SCRIPTS = Path(__file__).parent / "scripts"
 INSTALLED = importlib.metadata.version("lmdeploy")  # the dev venv's release (0.18.0)
 # 0.14.0: before 0.15.0, where LMDeploy's own InternVL LoRA fallback was broken.
 DEFAULT_VERSIONS = ("0.12.1", "0.14.0", "0.17.0")
@@ -74,7 +74,7 @@ def run(python: Path, spec: dict, workdir: Path, disabled: bool = False) -> dict
     env["TRITON_INTERPRET"] = "1"
     if disabled:
         env["LMDEPLOY_REGEX_LORA_DISABLE"] = "1"
-    proc = subprocess.run([str(python), str(HERE / "version_run.py"), str(spec_file)], cwd=workdir, env=env,
+    proc = subprocess.run([str(python), str(SCRIPTS / "version.py"), str(spec_file)], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

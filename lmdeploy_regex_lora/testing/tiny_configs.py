@@ -177,9 +177,9 @@ INTERNVL_AUTO_MAP = {
 }
 
 
-def llama_like_config(model_type: str, arch: str, num_layers: int, bias: bool) -> dict[str, Any]:
-    """config.json body of a tiny transformers-native Qwen2 / Llama LLM."""
-    cfg: dict[str, Any] = {
+def _llm_fields(arch: str, model_type: str, num_layers: int) -> dict[str, Any]:
+    """The fields every tiny decoder's config.json shares (sizes, activation, token ids)."""
+    return {
         "architectures": [arch],
         "model_type": model_type,
         "vocab_size": VOCAB,
@@ -188,17 +188,21 @@ def llama_like_config(model_type: str, arch: str, num_layers: int, bias: bool) -
         "num_hidden_layers": num_layers,
         "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
         "hidden_act": "silu",
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
         "tie_word_embeddings": False,
         "bos_token_id": BOS,
         "eos_token_id": EOS,
         "pad_token_id": PAD,
         "torch_dtype": "float32",
     }
+
+
+def llama_like_config(model_type: str, arch: str, num_layers: int, bias: bool) -> dict[str, Any]:
+    """config.json body of a tiny transformers-native Qwen2 / Llama LLM."""
+    cfg = _llm_fields(arch, model_type, num_layers)
+    cfg.update(head_dim=HEAD_DIM, rope_theta=10000.0)
     if model_type == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
     else:
@@ -209,29 +213,10 @@ def llama_like_config(model_type: str, arch: str, num_layers: int, bias: bool) -
 
 def internlm2_config(num_layers: int) -> dict[str, Any]:
     """config.json body of a tiny InternLM2 (remote code)."""
-    return {
-        "architectures": ["InternLM2ForCausalLM"],
-        "model_type": "internlm2",
-        "auto_map": dict(INTERNLM2_AUTO_MAP),
-        "vocab_size": VOCAB,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "hidden_act": "silu",
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000,
-        "rope_scaling": None,
-        "bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": BOS,
-        "eos_token_id": EOS,
-        "pad_token_id": PAD,
-        "attn_implementation": "eager",
-        "torch_dtype": "float32",
-    }
+    cfg = _llm_fields("InternLM2ForCausalLM", "internlm2", num_layers)
+    cfg.update(auto_map=dict(INTERNLM2_AUTO_MAP), rope_theta=10000, rope_scaling=None, bias=False,
+               attn_implementation="eager")
+    return cfg
 
 
 def intern_vit_config(num_layers: int) -> dict[str, Any]:

@@ -93,98 +93,94 @@ _Built = tuple[dict[str, Any], dict[str, str], Spec]
 # ---------------------------------------------------------------------------------------------
 
 
+def _decoder_spec(prefix: str, num_layers: int, embed: str, layer: dict[str, tuple[int, ...]], head: str) -> Spec:
+    """Checkpoint keys of a decoder-only LM under ``prefix``: embedding, ``layer`` per layer, final norm, head."""
+    spec: Spec = {f"{prefix}model.{embed}.weight": (VOCAB, HIDDEN)}
+    for i in range(num_layers):
+        spec.update({f"{prefix}model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    spec[f"{prefix}model.norm.weight"] = (HIDDEN,)
+    spec[f"{prefix}{head}.weight"] = (VOCAB, HIDDEN)
+    return spec
+
+
 def _llama_like_spec(prefix: str, num_layers: int, bias: bool) -> Spec:
     """Checkpoint keys of a Qwen2 / Llama causal LM under ``prefix``."""
-    spec: Spec = {f"{prefix}model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(num_layers):
-        p = f"{prefix}model.layers.{i}."
-        q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-        for name, out in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
-            spec[f"{p}self_attn.{name}.weight"] = (out, HIDDEN)
-            if bias:
-                spec[f"{p}self_attn.{name}.bias"] = (out,)
-        spec[f"{p}self_attn.o_proj.weight"] = (HIDDEN, HEADS * HEAD_DIM)
-        spec[f"{p}mlp.gate_proj.weight"] = (INTERMEDIATE, HIDDEN)
-        spec[f"{p}mlp.up_proj.weight"] = (INTERMEDIATE, HIDDEN)
-        spec[f"{p}mlp.down_proj.weight"] = (HIDDEN, INTERMEDIATE)
-        spec[f"{p}input_layernorm.weight"] = (HIDDEN,)
-        spec[f"{p}post_attention_layernorm.weight"] = (HIDDEN,)
-    spec[f"{prefix}model.norm.weight"] = (HIDDEN,)
-    spec[f"{prefix}lm_head.weight"] = (VOCAB, HIDDEN)
-    return spec
+    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    layer: dict[str, tuple[int, ...]] = {}
+    for name, out in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
+        layer[f"self_attn.{name}.weight"] = (out, HIDDEN)
+        if bias:
+            layer[f"self_attn.{name}.bias"] = (out,)
+    layer.update({"self_attn.o_proj.weight": (HIDDEN, q_out), "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+                  "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN), "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+                  "input_layernorm.weight": (HIDDEN,), "post_attention_layernorm.weight": (HIDDEN,)})
+    return _decoder_spec(prefix, num_layers, "embed_tokens", layer, "lm_head")
 
 
 def _internlm2_spec(prefix: str, num_layers: int) -> Spec:
     """Checkpoint keys of InternLM2ForCausalLM (``wqkv`` rows: interleaved per kv head)."""
-    spec: Spec = {f"{prefix}model.tok_embeddings.weight": (VOCAB, HIDDEN)}
+    layer = {"attention.wqkv.weight": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+             "attention.wo.weight": (HIDDEN, HEADS * HEAD_DIM), "feed_forward.w1.weight": (INTERMEDIATE, HIDDEN),
+             "feed_forward.w3.weight": (INTERMEDIATE, HIDDEN), "feed_forward.w2.weight": (HIDDEN, INTERMEDIATE),
+             "attention_norm.weight": (HIDDEN,), "ffn_norm.weight": (HIDDEN,)}
+    return _decoder_spec(prefix, num_layers, "tok_embeddings", layer, "output")
+
+
+def _vit_layers(prefix: str, num_layers: int, linears: tuple[tuple[str, tuple[int, int]], ...],
+                norms: tuple[str, ...], scales: tuple[str, ...]) -> Spec:
+    """A ViT's encoder layers: linears with biases, LayerNorms (weight and bias), per-channel layer scales."""
+    c = VIT_HIDDEN
+    spec: Spec = {}
     for i in range(num_layers):
-        p = f"{prefix}model.layers.{i}."
-        spec[f"{p}attention.wqkv.weight"] = ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN)
-        spec[f"{p}attention.wo.weight"] = (HIDDEN, HEADS * HEAD_DIM)
-        spec[f"{p}feed_forward.w1.weight"] = (INTERMEDIATE, HIDDEN)
-        spec[f"{p}feed_forward.w3.weight"] = (INTERMEDIATE, HIDDEN)
-        spec[f"{p}feed_forward.w2.weight"] = (HIDDEN, INTERMEDIATE)
-        spec[f"{p}attention_norm.weight"] = (HIDDEN,)
-        spec[f"{p}ffn_norm.weight"] = (HIDDEN,)
-    spec[f"{prefix}model.norm.weight"] = (HIDDEN,)
-    spec[f"{prefix}output.weight"] = (VOCAB, HIDDEN)
+        p = f"{prefix}.{i}."
+        for name, shape in linears:
+            spec[f"{p}{name}.weight"] = shape
+            spec[f"{p}{name}.bias"] = (shape[0],)
+        for name in norms:
+            spec[f"{p}{name}.weight"] = (c,)
+            spec[f"{p}{name}.bias"] = (c,)
+        for name in scales:
+            spec[f"{p}{name}"] = (c,)
     return spec
+
+
+def _vit_embeddings(prefix: str, cls: str, patch: str, positions: str) -> Spec:
+    """An InternViT-style embedding: a class token, a patch convolution (with bias), a position table."""
+    c = VIT_HIDDEN
+    return {f"{prefix}{cls}": (1, 1, c), f"{prefix}{patch}.weight": (c, 3, PATCH_SIZE, PATCH_SIZE),
+            f"{prefix}{patch}.bias": (c,), f"{prefix}{positions}": (1, NUM_POSITIONS, c)}
+
+
+def _pixel_shuffle_projector(norm: str, first: str, second: str) -> Spec:
+    """InternVL's projector: LayerNorm over the pixel-shuffled features, Linear to the LLM, GELU, Linear."""
+    return {f"{norm}.weight": (PROJ_IN,), f"{norm}.bias": (PROJ_IN,),
+            f"{first}.weight": (HIDDEN, PROJ_IN), f"{first}.bias": (HIDDEN,),
+            f"{second}.weight": (HIDDEN, HIDDEN), f"{second}.bias": (HIDDEN,)}
 
 
 def _intern_vit_spec(num_layers: int) -> Spec:
     """Checkpoint keys of InternViT (``vision_model.*``) plus the ``mlp1`` projector."""
     c = VIT_HIDDEN
-    spec: Spec = {
-        "vision_model.embeddings.class_embedding": (1, 1, c),
-        "vision_model.embeddings.patch_embedding.weight": (c, 3, PATCH_SIZE, PATCH_SIZE),
-        "vision_model.embeddings.patch_embedding.bias": (c,),
-        "vision_model.embeddings.position_embedding": (1, NUM_POSITIONS, c),
-    }
-    for i in range(num_layers):
-        p = f"vision_model.encoder.layers.{i}."
-        for name, shape in (("attn.qkv", (3 * c, c)), ("attn.proj", (c, c)),
-                            ("mlp.fc1", (VIT_INTERMEDIATE, c)), ("mlp.fc2", (c, VIT_INTERMEDIATE))):
-            spec[f"{p}{name}.weight"] = shape
-            spec[f"{p}{name}.bias"] = (shape[0],)
-        for name in ("norm1", "norm2"):
-            spec[f"{p}{name}.weight"] = (c,)
-            spec[f"{p}{name}.bias"] = (c,)
-        spec[f"{p}ls1"] = (c,)
-        spec[f"{p}ls2"] = (c,)
-    spec.update({
-        "mlp1.0.weight": (PROJ_IN,), "mlp1.0.bias": (PROJ_IN,),
-        "mlp1.1.weight": (HIDDEN, PROJ_IN), "mlp1.1.bias": (HIDDEN,),
-        "mlp1.3.weight": (HIDDEN, HIDDEN), "mlp1.3.bias": (HIDDEN,),
-    })
+    spec = _vit_embeddings("vision_model.embeddings.", "class_embedding", "patch_embedding", "position_embedding")
+    linears = (("attn.qkv", (3 * c, c)), ("attn.proj", (c, c)), ("mlp.fc1", (VIT_INTERMEDIATE, c)),
+               ("mlp.fc2", (c, VIT_INTERMEDIATE)))
+    spec.update(_vit_layers("vision_model.encoder.layers", num_layers, linears, ("norm1", "norm2"), ("ls1", "ls2")))
+    spec.update(_pixel_shuffle_projector("mlp1.0", "mlp1.1", "mlp1.3"))
     return spec
 
 
 def _internvl_hf_vision_spec(num_layers: int) -> Spec:
     """Checkpoint keys of transformers' InternVL vision tower + projector (names as transformers 5 saves)."""
     c = VIT_HIDDEN
-    spec: Spec = {
-        "vision_tower.embeddings.cls_token": (1, 1, c),
-        "vision_tower.embeddings.patch_embeddings.projection.weight": (c, 3, PATCH_SIZE, PATCH_SIZE),
-        "vision_tower.embeddings.patch_embeddings.projection.bias": (c,),
-        "vision_tower.embeddings.position_embeddings": (1, NUM_POSITIONS, c),
-    }
-    for i in range(num_layers):
-        p = f"vision_tower.encoder.layer.{i}."
-        for name, shape in (("attention.q_proj", (c, c)), ("attention.k_proj", (c, c)), ("attention.v_proj", (c, c)),
-                            ("attention.projection_layer", (c, c)),
-                            ("mlp.fc1", (VIT_INTERMEDIATE, c)), ("mlp.fc2", (c, VIT_INTERMEDIATE))):
-            spec[f"{p}{name}.weight"] = shape
-            spec[f"{p}{name}.bias"] = (shape[0],)
-        for name in ("layernorm_before", "layernorm_after"):
-            spec[f"{p}{name}.weight"] = (c,)
-            spec[f"{p}{name}.bias"] = (c,)
-        spec[f"{p}lambda_1"] = (c,)
-        spec[f"{p}lambda_2"] = (c,)
-    spec.update({
-        "multi_modal_projector.layer_norm.weight": (PROJ_IN,), "multi_modal_projector.layer_norm.bias": (PROJ_IN,),
-        "multi_modal_projector.linear_1.weight": (HIDDEN, PROJ_IN), "multi_modal_projector.linear_1.bias": (HIDDEN,),
-        "multi_modal_projector.linear_2.weight": (HIDDEN, HIDDEN), "multi_modal_projector.linear_2.bias": (HIDDEN,),
-    })
+    spec = _vit_embeddings("vision_tower.embeddings.", "cls_token", "patch_embeddings.projection",
+                           "position_embeddings")
+    linears = (("attention.q_proj", (c, c)), ("attention.k_proj", (c, c)), ("attention.v_proj", (c, c)),
+               ("attention.projection_layer", (c, c)), ("mlp.fc1", (VIT_INTERMEDIATE, c)),
+               ("mlp.fc2", (c, VIT_INTERMEDIATE)))
+    spec.update(_vit_layers("vision_tower.encoder.layer", num_layers, linears, ("layernorm_before", "layernorm_after"),
+                            ("lambda_1", "lambda_2")))
+    p = "multi_modal_projector."
+    spec.update(_pixel_shuffle_projector(f"{p}layer_norm", f"{p}linear_1", f"{p}linear_2"))
     return spec
 
 
@@ -315,17 +311,17 @@ _BUILDERS: dict[str, Callable[[int], _Built]] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensor_seed(seed: int, name: str) -> int:
+def tensor_seed(seed: int, name: str) -> int:
     """Per-tensor seed, so a tensor's values depend on (seed, key) only, not on the layer count."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """std 0.02 for matrices/embeddings/biases; ~1 for norm weights and layer scales."""
     import torch
 
-    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
     noise = torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02
     parts = name.split(".")
     if len(shape) == 1 and parts[-1] != "bias":  # norm weights, InternViT ls1/ls2, lambda_1/2
@@ -376,7 +372,7 @@ def make_tiny_model(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, num
     gen_cfg = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     tensors: dict[str, torch.Tensor] = {
-        name: _random_tensor(name, shape, seed).contiguous() for name, shape in spec.items()
+        name: random_tensor(name, shape, seed).contiguous() for name, shape in spec.items()
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -1,6 +1,6 @@
 """LM-head LoRA per request, through LMDeploy's own code paths (run by tests/test_lm_head.py).
 
-Usage: TRITON_INTERPRET=1 python tests/lm_head_run.py SPEC.json
+Usage: TRITON_INTERPRET=1 python tests/scripts/lm_head.py SPEC.json
 
 The step's rows are described by a real ``ModelInputs`` passed through the served model's real
 ``ctx_mgr.build_context`` (where the plugin records them); the LM-head rows are cut by LMDeploy's
@@ -22,7 +22,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a file: put the repository root (two folders up) first, for the package and ``tests.support``.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import lmdeploy_regex_lora  # noqa: E402
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model  # noqa: E402

@@ -1,6 +1,6 @@
 """Start LMDeploy's worker processes the way LMDeploy does and ask each whether the plugin is active there.
 
-Usage: python topology_run.py {mp_engine,mp_executor,ray} MODEL_DIR ADAPTER_DIR REPORT_DIR
+Usage: python tests/scripts/topology.py {mp_engine,mp_executor,ray} MODEL_DIR ADAPTER_DIR REPORT_DIR
 (run by tests/test_topologies.py with the python of a venv where our wheel is installed; this script
 never imports ``lmdeploy_regex_lora``: the ``.pth`` start-up hook alone must bring it into every process).
 

@@ -1,6 +1,6 @@
 """Run LMDeploy's real LoRA forward (Triton kernel, interpreted on CPU) on plugin-loaded slots.
 
-Usage: TRITON_INTERPRET=1 python tests/kernel_run.py SPEC.json  (written by tests/test_kernel.py).
+Usage: TRITON_INTERPRET=1 python tests/scripts/kernel.py SPEC.json  (written by tests/test_kernel.py).
 For every LoRA-carrying linear it feeds a packed batch whose sequences use different adapter ids
 (and none), through the module's own forward (base GEMM + ``TritonLoRAImpl``), and compares each
 sequence's rows with the same rows through the natively loaded merged model (or the base model for
@@ -18,7 +18,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a file: put the repository root (two folders up) first, for the package and ``tests.support``.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import lmdeploy_regex_lora  # noqa: E402
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model  # noqa: E402

@@ -8,8 +8,8 @@ package (and anything a test puts ahead of the real one, e.g. fake ``*.dist-info
 
 Usable as a module (``build_wheel``, ``make_overlay_venv``) and from the shell::
 
-    python tests/venv_overlay.py build-wheel OUT_DIR        # prints the wheel path
-    python tests/venv_overlay.py overlay TMP_DIR WHEEL      # prints the overlay's python
+    python tests/support/venv_overlay.py build-wheel OUT_DIR        # prints the wheel path
+    python tests/support/venv_overlay.py overlay TMP_DIR WHEEL      # prints the overlay's python
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PTH_NAME = "lmdeploy_regex_lora.pth"
 _SOURCE_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "tests"

@@ -1,6 +1,6 @@
 """Run LMDeploy's own CLI parsing and commands up to the engine start; report the engine each one picks.
 
-Usage: python backend_choice_run.py MODEL_DIR ADAPTER_DIR  (run by tests/test_backend_choice.py in a venv
+Usage: python tests/scripts/backend_choice.py MODEL_DIR ADAPTER_DIR  (run by tests/test_backend_choice.py in a venv
 where our wheel is installed, so the plugin is active through its ``.pth`` alone).
 
 Two parts cannot run on a CPU machine and are replaced, here only:

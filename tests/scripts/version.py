@@ -1,6 +1,6 @@
 """Run the plugin's checks against whichever LMDeploy release this python imports.
 
-Usage: python version_run.py SPEC.json  (run by tests/test_versions.py and scripts/version_matrix.py with
+Usage: python tests/scripts/version.py SPEC.json  (run by tests/test_versions.py and scripts/version_matrix.py with
 the python of an overlay venv: an older ``lmdeploy`` installed ahead of the dev venv's 0.18.0, and our
 wheel, activated by its ``.pth``). Prints one ``RESULT {json}`` line.
 

@@ -1,0 +1,1 @@
+"""The test suite: ``test_*.py`` by concern; helpers in ``support/``; subprocess entry scripts in ``scripts/``."""
