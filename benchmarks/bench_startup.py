@@ -29,9 +29,9 @@ COMMANDS = {
     "python -c pass": ["-c", "pass"],
     'python -c "import lmdeploy"': ["-c", "import lmdeploy"],
 }
-# The top-level start-up module the .pth imports now, and what it imported before (package, _bootstrap, __future__).
+# The top-level start-up module the .pth imports (earlier versions also loaded the package and __future__).
 BOOT_MODULE = "lmdeploy_regex_lora_boot"
-OUR_MODULES = (BOOT_MODULE, "lmdeploy_regex_lora", "lmdeploy_regex_lora_boot", "__future__")
+OUR_MODULES = (BOOT_MODULE, "lmdeploy_regex_lora", "__future__")
 ENV = common.child_env(PYTHONDONTWRITEBYTECODE="1")
 
 

@@ -37,7 +37,7 @@ import lmdeploy_regex_lora_boot as boot
 import torch
 print("lmdeploy", m.version("lmdeploy"), "| plugin", m.version("lmdeploy-regex-lora"), "| torch", torch.__version__,
       "| transformers", m.version("transformers"), "| peft", m.version("peft"), "| triton", m.version("triton"))
-print("plugin import hook registered at start-up:", boot.installed_finder() is not None)
+print("plugin import hook registered at start-up:", boot in sys.meta_path)
 print("CUDA:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
 export PYTHONUNBUFFERED=1

@@ -42,7 +42,7 @@ PROBE_TIMEOUT_S = 300
 PROBE = r'''
 import json, sys
 boot = sys.modules.get("lmdeploy_regex_lora_boot")
-out = {"pth_ran": boot is not None and boot.installed_finder() is not None, "lmdeploy_error": None}
+out = {"pth_ran": boot is not None and boot in sys.meta_path, "lmdeploy_error": None}
 try:
     import lmdeploy.pytorch.models.patch as patch
 except Exception as exc:
@@ -114,11 +114,12 @@ def probe(timeout: float = PROBE_TIMEOUT_S) -> dict:
 
 def diagnose() -> dict:
     """Everything ``doctor`` prints (its ``--json`` output)."""
-    from lmdeploy_regex_lora_boot import ENV_DISABLE, env_disabled
+    from lmdeploy_regex_lora_boot import ENV_DISABLE
 
     from .. import __version__
     from ..serve.hook import SUPPORTED as supported  # importing hook imports neither torch nor LMDeploy
     from ..serve.hook import in_supported_range
+    from ..serve.import_hook import env_disabled
 
     versions = {name: _version(name) for name in PACKAGES}
     lmdeploy = versions["lmdeploy"]

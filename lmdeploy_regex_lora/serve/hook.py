@@ -30,6 +30,8 @@ from packaging.version import InvalidVersion, Version
 
 import lmdeploy_regex_lora_boot as boot
 
+from . import import_hook
+
 __all__ = ["SUPPORTED", "install", "uninstall", "is_installed", "is_wrapper", "lmdeploy_version",
            "stand_aside_reason", "PatchPoint", "patch_points"]
 
@@ -39,7 +41,7 @@ SUPPORTED = SpecifierSet(">=0.12.1,<0.19")
 the plugin's checks cannot pass there; they stand aside (one warning), as any later, unchecked release."""
 
 MARKER = "_lmdeploy_regex_lora_wrapper"
-_STAND_ASIDE = "stand-aside"  # one warning budget shared with the boot module's "disabled" notice
+_STAND_ASIDE = "stand-aside"  # one warning budget shared with import_hook's "disabled" notice
 
 logger = logging.getLogger(boot.LOGGER_NAME)
 _lock = threading.RLock()
@@ -94,7 +96,7 @@ def in_supported_range(version: str | None) -> bool:
 
 def stand_aside_reason() -> str | None:
     """Why the plugin must not touch LMDeploy in this process, or None when it may."""
-    if boot.env_disabled():
+    if import_hook.env_disabled():
         return f"lmdeploy-regex-lora is disabled by {boot.ENV_DISABLE}; LMDeploy's own add_adapters stays in place"
     version = lmdeploy_version()
     if in_supported_range(version):
@@ -152,7 +154,7 @@ def _wrap(point: PatchPoint, module: ModuleType) -> None:
     refusal = getattr(handler, "refuses", None)
     reason = refusal(func) if refusal is not None else None
     if reason:
-        boot.warn_once("signature", f"lmdeploy-regex-lora: {reason}; leaving it unwrapped")
+        import_hook.warn_once("signature", f"lmdeploy-regex-lora: {reason}; leaving it unwrapped")
         return
     proxy = _proxies.get((func, point.handler))
     if proxy is None:
@@ -185,10 +187,10 @@ def install() -> bool:
     with _lock:
         reason = stand_aside_reason()
         if reason is not None:
-            boot.warn_once(_STAND_ASIDE, reason)
+            import_hook.warn_once(_STAND_ASIDE, reason)
             uninstall()
             return False
-        boot.register(disabled=False)
+        import_hook.register()
         for point in patch_points():
             module = sys.modules.get(point.module)
             if module is not None:
@@ -199,7 +201,7 @@ def install() -> bool:
 def uninstall() -> None:
     """Remove the import hook and put LMDeploy's original objects back; idempotent."""
     with _lock:
-        boot.unregister()
+        import_hook.unregister()
         for point in patch_points():
             _unwrap(point)
         _originals.clear()
@@ -209,8 +211,7 @@ def uninstall() -> None:
 def is_installed() -> bool:
     """True when the hook is active and every imported patch point holds our proxy."""
     with _lock:
-        finder = boot.installed_finder()
-        if finder is None or finder.disabled or stand_aside_reason() is not None:
+        if not import_hook.installed() or stand_aside_reason() is not None:
             return False
         for point in patch_points():
             owner = _owner(point, sys.modules.get(point.module))
@@ -247,8 +248,8 @@ def load_adapters(wrapped: Callable[..., Any], instance: Any, args: tuple, kwarg
     try:
         from .loader import add_adapters
     except Exception:  # our loader is broken: LMDeploy's path is better than no model
-        boot.warn_once("loader-import", "lmdeploy-regex-lora: loader failed to import; using LMDeploy's add_adapters",
-                       exc_info=True)
+        import_hook.warn_once("loader-import", "lmdeploy-regex-lora: loader failed to import; using LMDeploy's "
+                              "add_adapters", exc_info=True)
         return wrapped(*args, **kwargs)
     import torch  # already loaded by LMDeploy; local so that importing this module stays light
 
