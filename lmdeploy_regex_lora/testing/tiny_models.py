@@ -384,19 +384,15 @@ def make_tiny_model(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, num
 
 
 def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Every tensor key of the folder's safetensors checkpoint(s) and its shape, without loading data."""
-    from safetensors import safe_open
+    """Every tensor key of the folder's safetensors checkpoint(s) and its shape, from the headers only."""
+    from ..safetensors_io import read_header
 
     folder = pathlib.Path(model_dir)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {folder}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
+    headers = [read_header(str(file), what="checkpoint") for file in files]
+    return {key: entry.shape for header in headers for key, entry in header.entries.items()}
 
 
 def checkpoint_linear_names(model_dir: str | os.PathLike) -> dict[str, tuple[int, int]]:
