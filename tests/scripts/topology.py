@@ -82,10 +82,16 @@ class ProbeMPEngine(ZMQMPEngine):
     @staticmethod
     def _mp_proc(shared_dict, condition, model_path, engine_config=None, log_level="WARNING",
                  speculative_config=None, **kwargs):
-        with condition:  # the real target publishes its RPC port first, then builds the engine
-            shared_dict["rpc_server_port"] = 0
-            condition.notify()
+        # The real target publishes its RPC port, then builds the engine. The probe reports first: once the
+        # port is published the parent leaves its mp.Manager block, and on a busy machine the manager can be
+        # gone before this process's release of the condition reaches it (EOFError, seen under load).
         write(kwargs["report"], probe("mp_engine", model_path, kwargs["adapter_dir"], AT_START))
+        try:
+            with condition:
+                shared_dict["rpc_server_port"] = 0
+                condition.notify()
+        except (EOFError, BrokenPipeError, ConnectionError):
+            pass
 
 
 class ProbeExecutorProc(ExecutorProc):
