@@ -1,0 +1,67 @@
+"""Vision-tower and projector LoRA per request, through LMDeploy's own image path and Triton kernel.
+
+For each verified VLM family two real PEFT adapters that differ on the vision tower and the projector
+(adapter a in ms-swift 3.x's unfrozen form, ``--freeze_vit false --freeze_aligner false``; adapter b another
+subset at another rank, so the kernel's rank block is 32) are loaded together. tests/scripts/vision.py then
+runs the issue's batch (a: one image of 2 tiles/units, no adapter: two images, b: one image) through the
+model's ``build_context``, ``prepare_inputs_for_generation`` and ``forward`` with LMDeploy's kernel
+interpreted on CPU, and checks each request against its merged (or the base) model; wrong row maps
+(rows by sequence, ignoring tiles, reversed images) must fail that check. In a subprocess, since
+TRITON_INTERPRET must be set before Triton is imported.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.triton_interpreter import adapters_and_merges, run_interpreted
+
+QWEN_LEAVES = "v_proj|gate_proj|o_proj|down_proj|q_proj|k_proj|up_proj"
+
+CASES = {
+    "internvl2_internlm2": [
+        # swift 3.x unfrozen: LLM, InternViT and mlp1
+        dict(target_modules=r"^(language_model.*\.(w2|w3|w1|wo|wqkv)|vision_model.*\.(fc1|fc2|proj|qkv)"
+                            r"|mlp1.*\.(1|3))$", r=8, lora_alpha=32),
+        # swift 2.2.4 - 2.2.5's default: LLM and the projector mlp1.1 / mlp1.3
+        dict(target_modules=r".*(wqkv|wo|w[123]|mlp1\.(1|3))$", r=24, lora_alpha=48),
+    ],
+    "internvl_hf": [
+        dict(target_modules=rf"^(model\.language_model(?=\.).*\.({QWEN_LEAVES})|model\.vision_tower.*\."
+                            r"(q_proj|k_proj|v_proj|projection_layer|fc1|fc2)"
+                            r"|model\.multi_modal_projector.*\.(linear_1|linear_2))$", r=8, lora_alpha=16,
+             naming="tf452"),
+        dict(target_modules=r"^(model\.vision_tower.*\.(q_proj|v_proj|fc2)|model\.multi_modal_projector.*\.linear_1)$",
+             r=24, lora_alpha=48, use_rslora=True, naming="tf452"),
+    ],
+    "qwen2_vl": [
+        dict(target_modules=rf"^(model.*\.({QWEN_LEAVES})|visual.blocks.*\.(qkv|proj|fc1|fc2)|visual.merger.*\.(0|2))$",
+             r=8, lora_alpha=16),
+        dict(target_modules=r"^(visual.blocks.*\.(qkv|fc2)|visual.merger.*\.0)$", r=24, lora_alpha=48),
+    ],
+    "qwen2_5_vl": [
+        dict(target_modules=rf"^(model.language_model.*\.({QWEN_LEAVES})|(?!(model.visual.merger))"
+                            r"model.visual.*\.(down_proj|attn.proj|up_proj|qkv|gate_proj)"
+                            r"|model.visual.merger.*\.(2|0))$", r=8, lora_alpha=16, naming="tf452"),
+        dict(target_modules=r"^(model.visual.*\.(qkv|up_proj|down_proj)|model.visual.merger.*\.2)$", r=24,
+             lora_alpha=48, naming="tf452"),
+    ],
+    "llava": [
+        dict(target_modules=rf"^(language_model.*\.({QWEN_LEAVES})|vision_tower.*\.(q_proj|k_proj|v_proj|out_proj"
+                            r"|fc1|fc2)|multi_modal_projector.*\.(linear_1|linear_2))$", r=8, lora_alpha=16),
+        dict(target_modules=r"^(vision_tower.*\.(v_proj|fc1)|multi_modal_projector.*\.linear_2)$", r=24,
+             lora_alpha=48),
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_each_request_gets_its_own_vision_lora(arch, tiny_model, tmp_path):
+    base = tiny_model(arch)
+    adapters, merged = adapters_and_merges(base, tmp_path, CASES[arch], seed=61)
+    result = run_interpreted("vision.py", {"base": str(base), "adapters": adapters, "merged": merged}, tmp_path)
+    assert result["ok"], result
+    errors = result["max_err_per_request"]
+    assert len(errors) == 3 and max(errors) <= 2e-5 and result["no_adapter_bit_identical"], result
+    assert sum(isinstance(m, dict) and m["caught"] for m in result["mutations"].values()) >= 2, result
