@@ -65,3 +65,25 @@ def test_each_request_gets_its_own_vision_lora(arch, tiny_model, tmp_path):
     errors = result["max_err_per_request"]
     assert len(errors) == 3 and max(errors) <= 2e-5 and result["no_adapter_bit_identical"], result
     assert sum(isinstance(m, dict) and m["caught"] for m in result["mutations"].values()) >= 2, result
+
+
+@pytest.mark.slow
+def test_what_internvl_flash_mode_does_to_lora_today(tiny_model, tmp_path):
+    """Why flash-mode InternVL models are refused at load (tests/test_multimodal.py checks the refusal).
+
+    Flash mode's forward calls LMDeploy's ``update_forward_inputs`` after compressing visual tokens; run inside
+    a step of three sequences (adapters a, b, none), it leaves the plugin's record of the step without adapter
+    ids (the LM head then serves the base model to adapter a) and the step context with the old
+    ``q_start_loc`` (LMDeploy's own LLM LoRA rows no longer line up: b's delta lands partly on the
+    no-adapter sequence). If LMDeploy ever fixes both, this test fails and the refusal can be revisited.
+    """
+    base = tiny_model("internvl2_internlm2")
+    specs = [dict(target_modules=r"^language_model.*\.(wqkv|wo|w1|w2|w3|output)$", r=8, lora_alpha=16),
+             dict(target_modules=["wqkv", "w2"], r=8, lora_alpha=16)]
+    adapters, merged = adapters_and_merges(base, tmp_path, specs, seed=71)
+    result = run_interpreted("flash_mode.py", {"base": str(base), "adapters": adapters, "merged": merged}, tmp_path)
+    assert result["recorded_adapter_ids_after"] is None, result
+    assert result["q_seqlens_after"] == [4, 5, 7] and result["q_start_loc_after"] == [0, 6, 15], result
+    head, llm = result["lm_head_max_err_per_seq"], result["llm_layer_max_err_per_seq"]
+    assert head[0] > 1e-2 and max(head[1:]) < 1e-5, result  # adapter a's logits: the base model's
+    assert llm[0] < 1e-5 and min(llm[1:]) > 1e-2, result  # the rows after the first sequence: wrong adapter

@@ -61,6 +61,30 @@ class StepRows:
             input_multimodals=getattr(vision, "input_multimodals", None),
         )
 
+    def row_adapter_ids(self, num_rows: int) -> torch.Tensor | None:
+        """The adapter id of each of ``num_rows`` LM-head rows (None: no adapter ids in this step)."""
+        ids = self.adapter_ids
+        if ids is None:
+            return None
+        ids = ids.flatten()
+        seq_length = self.seq_length.flatten().to(ids.device)
+        if ids.numel() > 0 and bool((ids == ids[0]).all()):
+            return ids[:1].expand(num_rows)
+        num_tokens = int(seq_length.sum())
+        # The input log-prob path (agent._get_input_logits) projects exactly the logits_indices rows.
+        if (not self.is_decoding and self.logits_indices is not None and self.seq_logit_length is not None
+                and num_rows == self.logits_indices.numel()):
+            per_token = torch.repeat_interleave(ids, seq_length)
+            return per_token.index_select(0, self.logits_indices.flatten().to(ids.device))
+        if num_rows == num_tokens:  # every token row (return_logits, or decoding: one token each)
+            return torch.repeat_interleave(ids, seq_length)
+        if num_rows == ids.numel():  # last token of each sequence (agent._postprocess_forward_output)
+            return ids
+        raise RuntimeError(
+            f"[lmdeploy-regex-lora] the LM head got {num_rows} rows in a step of {ids.numel()} sequences and "
+            f"{num_tokens} tokens mixing adapters; cannot tell which adapter each row belongs to, so LM-head "
+            "LoRA is not applied silently wrong. Please report this with your LMDeploy version and options.")
+
     def image_runs(self, num_rows: int) -> list[Run] | None:
         """One run per image of a layer with ``num_rows`` image rows (None: no adapter ids in this step).
 
@@ -114,31 +138,6 @@ def image_row_runs(images: list[tuple[int, int]], adapter_ids: list[int], num_ro
         else:
             runs.append((start, rows, aid))
     return runs
-
-    def row_adapter_ids(self, num_rows: int) -> torch.Tensor | None:
-        """The adapter id of each of ``num_rows`` LM-head rows (None: no adapter ids in this step)."""
-        ids = self.adapter_ids
-        if ids is None:
-            return None
-        ids = ids.flatten()
-        seq_length = self.seq_length.flatten().to(ids.device)
-        if ids.numel() > 0 and bool((ids == ids[0]).all()):
-            return ids[:1].expand(num_rows)
-        num_tokens = int(seq_length.sum())
-        # The input log-prob path (agent._get_input_logits) projects exactly the logits_indices rows.
-        if (not self.is_decoding and self.logits_indices is not None and self.seq_logit_length is not None
-                and num_rows == self.logits_indices.numel()):
-            per_token = torch.repeat_interleave(ids, seq_length)
-            return per_token.index_select(0, self.logits_indices.flatten().to(ids.device))
-        if num_rows == num_tokens:  # every token row (return_logits, or decoding: one token each)
-            return torch.repeat_interleave(ids, seq_length)
-        if num_rows == ids.numel():  # last token of each sequence (agent._postprocess_forward_output)
-            return ids
-        raise RuntimeError(
-            f"[lmdeploy-regex-lora] the LM head got {num_rows} rows in a step of {ids.numel()} sequences and "
-            f"{num_tokens} tokens mixing adapters; cannot tell which adapter each row belongs to, so LM-head "
-            "LoRA is not applied silently wrong. Please report this with your LMDeploy version and options.")
-
 
 def record_steps(ctx_mgr) -> None:
     """Ask the ``build_context`` patch point to record this ``ctx_mgr``'s step inputs (slots need them)."""
