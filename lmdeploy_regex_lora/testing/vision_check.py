@@ -39,11 +39,9 @@ BATCHES: dict[str, list[tuple[int, list]]] = {
 }
 
 
-def use_interpreted_kernel() -> bool:
-    """On a machine without CUDA: Triton's interpreter for LMDeploy's LoRA kernel, its autotuner cut to one
-    config (it would time candidates on a GPU). Must run before Triton is imported; True when set up here."""
-    if torch.cuda.is_available():
-        return False
+def use_interpreted_kernel() -> None:
+    """LMDeploy's Triton LoRA kernel on the CPU tensors these checks use: Triton's interpreter, the autotuner
+    cut to one config (it would time candidates on a GPU). Must run before Triton is first imported."""
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set; its kernels would need a GPU")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -51,7 +49,6 @@ def use_interpreted_kernel() -> bool:
 
     kernel = fused_lora._fused_lora_kernel
     kernel.configs = kernel.configs[:1]
-    return True
 
 
 def family(model: torch.nn.Module) -> str:
