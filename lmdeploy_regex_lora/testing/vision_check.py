@@ -51,6 +51,20 @@ def use_interpreted_kernel() -> None:
     kernel.configs = kernel.configs[:1]
 
 
+def served_and_references(base_dir: str, adapters: dict[str, str], merged_dirs: dict) -> tuple:
+    """(served model, {adapter id: (model, folder)}): the adapters loaded through LMDeploy's ``add_adapters``
+    (the plugin must be installed), and LMDeploy's build of the base (id 0) and of each merged checkpoint."""
+    from lmdeploy.pytorch.models import patch
+
+    from .build import build_lmdeploy_model
+
+    served = build_lmdeploy_model(base_dir)
+    patch.add_adapters(served, adapters, dtype=torch.float32, device=torch.device("cpu"))
+    refs = {0: (build_lmdeploy_model(base_dir), base_dir)}
+    refs.update({int(k): (build_lmdeploy_model(v), v) for k, v in merged_dirs.items()})
+    return served, refs
+
+
 def family(model: torch.nn.Module) -> str:
     """Which image layout the model's input processor makes (a key of :data:`BATCHES`)."""
     name = type(model).__name__

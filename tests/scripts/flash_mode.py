@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import lmdeploy_regex_lora  # noqa: E402
 from lmdeploy_regex_lora.serve.steps import STEP_ATTR  # noqa: E402
 from lmdeploy_regex_lora.testing import vision_check as vc  # noqa: E402
-from lmdeploy_regex_lora.testing.build import build_lmdeploy_model  # noqa: E402
 
 LAYER = "language_model.model.layers.0.attention.wqkv"
 OLD, NEW, IDS = [6, 9, 7], [4, 5, 7], [1, 2, 0]  # compression shortens sequences 0 and 1
@@ -38,12 +37,9 @@ def main() -> int:
     assert lmdeploy_regex_lora.install()
     vc.use_interpreted_kernel()
     from lmdeploy.pytorch.model_inputs import ModelInputs, step_ctx_manager
-    from lmdeploy.pytorch.models import patch
 
-    served = build_lmdeploy_model(spec["base"])
-    patch.add_adapters(served, spec["adapters"], dtype=torch.float32, device=torch.device("cpu"))
-    refs = {0: build_lmdeploy_model(spec["base"])}
-    refs.update({int(k): build_lmdeploy_model(v) for k, v in spec["merged"].items()})
+    served, models = vc.served_and_references(spec["base"], spec["adapters"], spec["merged"])
+    refs = {aid: model for aid, (model, _) in models.items()}
     runner = vc.VisionRunner(served, spec["base"])
     n, zeros = len(OLD), torch.zeros(len(OLD), dtype=torch.long)
     inputs = ModelInputs(input_ids=torch.arange(sum(OLD))[None], seq_length=torch.tensor(OLD), history_lengths=zeros,

@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import lmdeploy_regex_lora  # noqa: E402
 from lmdeploy_regex_lora.serve import steps  # noqa: E402
 from lmdeploy_regex_lora.testing import vision_check as vc  # noqa: E402
-from lmdeploy_regex_lora.testing.build import build_lmdeploy_model  # noqa: E402
 from tests.support import cpu_standins  # noqa: E402
 
 
@@ -88,12 +87,7 @@ def main() -> int:
     spec = json.load(open(sys.argv[1]))
     assert lmdeploy_regex_lora.install()
     vc.use_interpreted_kernel()
-    from lmdeploy.pytorch.models import patch
-
-    served = build_lmdeploy_model(spec["base"])
-    patch.add_adapters(served, spec["adapters"], dtype=torch.float32, device=torch.device("cpu"))
-    models = {0: (build_lmdeploy_model(spec["base"]), spec["base"])}
-    models.update({int(k): (build_lmdeploy_model(v), v) for k, v in spec["merged"].items()})
+    served, models = vc.served_and_references(spec["base"], spec["adapters"], spec["merged"])
     standins = [cpu_standins.apply(m) for m in (served, *(m for m, _ in models.values()))]
     runner = vc.VisionRunner(served, spec["base"])
     refs = {aid: vc.VisionRunner(m, d) for aid, (m, d) in models.items()}
