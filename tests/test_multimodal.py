@@ -207,7 +207,7 @@ def test_unverified_vlm_is_refused_with_the_reason_and_the_fold_as_fix(tiny_mode
     with pytest.raises(AdapterError) as err:
         load(served, {"proj": str(adapter)})
     msg = str(err.value)
-    assert "LlavaForConditionalGeneration is not a model whose image rows are verified" in msg, msg
+    assert "and LlavaForConditionalGeneration is not a model whose image rows are verified" in msg, msg
     assert "multi_modal_projector.linear_1" in msg and f"Fix: set {ENV_FOLD_VISION}=1" in msg, msg
     assert state.differences() == []
     monkeypatch.setenv(ENV_FOLD_VISION, "on")
@@ -215,7 +215,9 @@ def test_unverified_vlm_is_refused_with_the_reason_and_the_fold_as_fix(tiny_mode
 
 
 def test_fold_switch_must_be_a_boolean(tiny_model, tmp_path, plugin_installed, monkeypatch):
+    """A typo stops the load, even where a bad adapter would only be skipped."""
     monkeypatch.setenv(ENV_FOLD_VISION, "perhaps")
+    monkeypatch.setenv("LMDEPLOY_REGEX_LORA_ON_ERROR", "skip")
     base_dir = tiny_model(INTERNVL)
     adapter = make_peft_adapter(base_dir, tmp_path / "a", seed=8, **CASES["swift-2.2.4"])
     with pytest.raises(AdapterError, match=f"field '{ENV_FOLD_VISION}'.*neither on"):

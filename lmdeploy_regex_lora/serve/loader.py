@@ -36,7 +36,7 @@ from .config import read_adapter_config
 from .model_map import ModelMap
 from .plan import AdapterPlan, LoadPlan, ResolvedAdapter, ResolvedLoad, build_folds, build_slots, resolve_adapter
 from .slots import install_slots
-from .vision_policy import ENV_FOLD_VISION
+from .vision_policy import ENV_FOLD_VISION, fold_vision
 from .weights import read_adapter_tensors
 
 logger = logging.getLogger("lmdeploy.regex_lora")
@@ -186,6 +186,7 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
         device = torch.device("cuda")
     start = time.perf_counter()
     skip = on_error_mode() == "skip"
+    fold_vision()  # a typo in that switch stops the load here, whatever the error mode
     model = _unwrap(model)
     paths = _checked_paths(adapters)
     skipped: dict[str, AdapterError] = {}

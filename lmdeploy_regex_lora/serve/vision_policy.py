@@ -102,8 +102,8 @@ class VisionPolicy:
             return FOLDED, ""
         if self.rule is None:
             verified = ", ".join(m.label for m in VISION_MODELS.values())
-            return None, (f"{self.model_class.rsplit('.', 1)[-1]} is not a model whose image rows are verified "
-                          f"for per-request LoRA ({verified})")
+            return None, (f"off the text decoder's token rows, and {self.model_class.rsplit('.', 1)[-1]} is not a "
+                          f"model whose image rows are verified for per-request LoRA ({verified})")
         if not site.hf_name.startswith(self.rule.prefixes):
             return None, f"outside {self.rule.label}'s vision tower and projector ({', '.join(self.rule.prefixes)})"
         return IMAGE_ROWS, ""
