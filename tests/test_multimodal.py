@@ -280,3 +280,19 @@ def test_failed_load_and_uninstall_put_plain_linears_back(tiny_model, tmp_path, 
     assert [served.mlp1[1], served.mlp1[3]] == mlp1  # the very objects, not copies
     x = torch.randn(3, mlp1[0].in_features)
     assert torch.equal(served.mlp1[1](x), torch.nn.functional.linear(x, mlp1[0].weight, mlp1[0].bias))
+
+
+def test_vision_linear_in_dp_tp_mode_is_refused(tiny_model, tmp_path, plugin_installed):
+    """LMDeploy's DP_TP layers may gather input rows from other data-parallel ranks, so their rows are not this
+    step's images. No CPU build runs DP attention: the attributes LMDeploy sets then are put on one layer here."""
+    from lmdeploy.pytorch.config import TPMode
+
+    from lmdeploy_regex_lora.serve.loader import resolve
+
+    base_dir = tiny_model(INTERNVL)
+    adapter = make_peft_adapter(base_dir, tmp_path / "a", seed=11, **CASES["swift-3.x-vit-only"])
+    served = build_lmdeploy_model(base_dir, "meta")
+    fc1 = served.get_submodule("vision_model.encoder.layers.0.mlp.fc1")
+    fc1.tp, fc1.tp_mode = 2, TPMode.DP_TP
+    with pytest.raises(AdapterError, match="data-parallel attention"):
+        resolve(served, {"a": str(adapter)})

@@ -185,7 +185,7 @@ def resolve_adapter(
             site = model_map.sites[rename(name, rules)]
             pair = tensors.pairs[name]
             _check_shapes(bad, name, pair, site, model_map)
-            serving, why = _serving(site, policy)
+            serving, why = _serving(site, policy, model_map.modules.get(site.lmdeploy_module))
             if serving is None:
                 unservable.append((name, why))
                 would_fold.append(foldable(site))
@@ -206,10 +206,10 @@ def resolve_adapter(
     return ResolvedAdapter(plan=plan, by_site=by_site)
 
 
-def _serving(site: Site, policy: VisionPolicy) -> tuple[Serving | None, str]:
+def _serving(site: Site, policy: VisionPolicy, module: object) -> tuple[Serving | None, str]:
     """How a targeted site is served, or (None, why it cannot be)."""
     if off_token_rows(site):
-        return policy.serving(site)
+        return policy.serving(site, module)
     if site.serving in (PER_REQUEST, LM_HEAD) and site.lora_capable:
         return site.serving, ""
     return None, str(site.serving)

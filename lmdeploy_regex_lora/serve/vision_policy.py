@@ -93,8 +93,11 @@ class VisionPolicy:
     fold: bool
     refusal: str | None  # why every adapter is refused on this model, if it is
 
-    def serving(self, site: Site) -> tuple[Serving | None, str]:
-        """How a vision/projector site (``NON_TOKEN`` or ``PLAIN_LINEAR``) is served, or (None, why not)."""
+    def serving(self, site: Site, module: object = None) -> tuple[Serving | None, str]:
+        """How a vision/projector site (``NON_TOKEN`` or ``PLAIN_LINEAR``) is served, or (None, why not).
+
+        ``module`` is LMDeploy's module of the site, when there is one (not for a checkpoint map).
+        """
         assert off_token_rows(site), site
         if not foldable(site):
             return None, "an interleaved fused QKV outside the text decoder"
@@ -106,6 +109,9 @@ class VisionPolicy:
                           f"model whose image rows are verified for per-request LoRA ({verified})")
         if not site.hf_name.startswith(self.rule.prefixes):
             return None, f"outside {self.rule.label}'s vision tower and projector ({', '.join(self.rule.prefixes)})"
+        if getattr(module, "tp", 1) > 1 and getattr(getattr(module, "tp_mode", None), "name", "") == "DP_TP":
+            # _forward_dp_tp may gather input rows from the other data-parallel ranks: not this step's images.
+            return None, "built for data-parallel attention (DP_TP), whose input rows may come from other ranks"
         return IMAGE_ROWS, ""
 
 
