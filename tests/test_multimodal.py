@@ -280,6 +280,11 @@ def test_failed_load_and_uninstall_put_plain_linears_back(tiny_model, tmp_path, 
     assert [served.mlp1[1], served.mlp1[3]] == mlp1  # the very objects, not copies
     x = torch.randn(3, mlp1[0].in_features)
     assert torch.equal(served.mlp1[1](x), torch.nn.functional.linear(x, mlp1[0].weight, mlp1[0].bias))
+    # InternViT's image-row slots (LMDeploy's own linears) stay, and refuse to run without the plugin's record.
+    from lmdeploy_regex_lora.testing import vision_check as vc
+
+    with pytest.raises(RuntimeError, match="plugin was uninstalled"):
+        vc.VisionRunner(served, base_dir).embeddings(vc.make_requests(served))
 
 
 def test_vision_linear_in_dp_tp_mode_is_refused(tiny_model, tmp_path, plugin_installed):

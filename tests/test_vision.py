@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from lmdeploy_regex_lora.serve.steps import ImageRowsError, image_row_runs
 from tests.support.triton_interpreter import adapters_and_merges, run_interpreted
 
 QWEN_LEAVES = "v_proj|gate_proj|o_proj|down_proj|q_proj|k_proj|up_proj"
@@ -87,3 +88,16 @@ def test_what_internvl_flash_mode_does_to_lora_today(tiny_model, tmp_path):
     head, llm = result["lm_head_max_err_per_seq"], result["llm_layer_max_err_per_seq"]
     assert head[0] > 1e-2 and max(head[1:]) < 1e-5, result  # adapter a's logits: the base model's
     assert llm[0] < 1e-5 and min(llm[1:]) > 1e-2, result  # the rows after the first sequence: wrong adapter
+
+
+def test_row_map_of_the_issues_batch_and_its_refusal():
+    """InternVL's batch (a: 2 tiles, none: 1 + 3 tiles, b: 1 tile): InternViT rows (257 per tile) and mlp1 rows
+    (64 per tile) split per image, consecutive images of one id joined; rows that do not split are refused."""
+    images, ids = [(0, 2), (1, 1), (1, 3), (2, 1)], [1, 0, 2]
+    assert image_row_runs(images, ids, 7 * 257) == [(0, 514, 1), (514, 1028, 0), (1542, 257, 2)]
+    assert image_row_runs(images, ids, 7 * 64) == [(0, 128, 1), (128, 256, 0), (384, 64, 2)]
+    with pytest.raises(ImageRowsError, match="do not split into whole rows per image"):
+        image_row_runs(images, ids, 7 * 64 + 1)
+    with pytest.raises(ImageRowsError, match="hold no images"):
+        image_row_runs([], ids, 10)
+
