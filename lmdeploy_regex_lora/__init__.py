@@ -31,7 +31,8 @@ def install() -> bool:
 
 
 def uninstall() -> None:
-    """Restore LMDeploy's original functions and drop the import hook. Idempotent."""
+    """Restore LMDeploy's original functions and drop the import hook; plain ``nn.Linear`` layers that loaded
+    models had wrapped for per-request vision LoRA get their original objects back. Idempotent."""
     from .serve import hook
 
     hook.uninstall()

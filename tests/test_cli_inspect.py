@@ -110,23 +110,30 @@ def test_with_model_shows_how_each_module_is_served(tiny_model, tmp_path):
             if module == "language_model.output":
                 assert m["serving"] == "lm-head"
             elif module.startswith(("vision_model.", "mlp1.")):
-                assert m["serving"] == "folded"
+                assert m["serving"] == "per-request-image"
             else:
                 assert m["serving"] == "per-request"
                 assert m["lmdeploy_module"].startswith("language_model.model.layers.")
         w1 = "language_model.model.layers.0.feed_forward.w1"
         if w1 in modules:  # LMDeploy packs w1/w3 into gate_up_proj
             assert modules[w1]["lmdeploy_module"].endswith("feed_forward.gate_up_proj")
-    folded = {f"{m['lmdeploy_module']}[{m['slot']}]" for m in by_name["vis"]["modules"] if m["serving"] == "folded"}
-    assert len(folded) == 6 and report["folds"] == {k: ["vis"] for k in folded}  # fc1, fc2 x 2 layers, mlp1.1/.3
-    # One LoRA slot per served LLM layer; folded layers get none.
-    llm_sites = {(m["lmdeploy_module"], m["slot"]) for a in report["adapters"] for m in a["modules"]
-                 if m["serving"] in ("per-request", "lm-head")}
-    assert {(s["lmdeploy_module"], s["slot"]) for s in report["slots"]} == llm_sites
+    image_rows = {(m["lmdeploy_module"], m["slot"]) for m in by_name["vis"]["modules"]
+                  if m["serving"] == "per-request-image"}
+    assert len(image_rows) == 6 and report["folds"] is None  # fc1, fc2 x 2 layers, mlp1.1/.3: nothing folded
+    # One LoRA slot per served layer, the vision tower's and projector's included.
+    sites = {(m["lmdeploy_module"], m["slot"]) for a in report["adapters"] for m in a["modules"]}
+    assert {(s["lmdeploy_module"], s["slot"]) for s in report["slots"]} == sites
+    assert {(s["lmdeploy_module"], s["slot"]) for s in report["slots"] if s["serving"] == "per-request-image"} \
+        == image_rows
 
     table = run_cli("inspect", f"lm={lm}", f"vis={vision}", "--model", base)
     assert table.returncode == 0, describe(table)
-    assert "LM head, per request" in table.stdout and "folded into base weight" in table.stdout
+    assert "LM head, per request" in table.stdout and "per request, image rows" in table.stdout
+    assert "folded" not in table.stdout
+
+    folding = run_cli("inspect", f"vis={vision}", "--model", base, env={"LMDEPLOY_REGEX_LORA_FOLD_VISION": "1"})
+    assert folding.returncode == 0, describe(folding)
+    assert "folded into base weight (all requests)" in folding.stdout
     assert "language_model.model.layers.{0..1}.feed_forward.gate_up_proj[w1]" in table.stdout
 
 

@@ -180,31 +180,45 @@ def test_lmdeploys_own_lora_loader_cannot_place_replicated_kv(adapters_for, plug
     assert torch.equal(b_local, full_b[qkv.head_size:2 * qkv.head_size])
 
 
-def test_folded_vision_layers_on_every_rank(tiny_model, tmp_path, plugin_installed):
-    """Vision-tower deltas are folded into the base weight (plan.build_folds): on a TP rank the fold must use
-    that rank's cut of lora_A/lora_B (InternViT's qkv is column-, proj/fc2 row-parallel).
+@pytest.mark.parametrize("fold", [False, True], ids=["per-request", "fold-mode"])
+def test_vision_layers_on_every_rank(fold, tiny_model, tmp_path, plugin_installed, monkeypatch):
+    """Vision-tower LoRA on a TP rank must use that rank's cut of lora_A/lora_B (InternViT's qkv is column-,
+    proj/fc2 row-parallel): in the image-row slots (per request, the default) and in the folded weight
+    (``LMDEPLOY_REGEX_LORA_FOLD_VISION=1``).
 
     TP=2 only: the tiny InternViT has 2 heads, so at TP=4 LMDeploy gives ranks 2 and 3 no head at all, an
     uneven split whose full size one rank cannot know (model_map.unsharded_sizes); the plugin refuses it.
     """
+    from lmdeploy_regex_lora.serve.vision import ImageRowLoRA
+
+    monkeypatch.setenv("LMDEPLOY_REGEX_LORA_FOLD_VISION", "1" if fold else "0")
     tp = 2
     base_dir = tiny_model("internvl2_internlm2")
     specs = [dict(target_modules=r"^(vision_model.*\.(qkv|proj|fc1|fc2)|language_model.*\.(wqkv|wo))$", r=8,
                   lora_alpha=16),
-             dict(target_modules=["wqkv", "w2"], r=4, lora_alpha=8)]
+             dict(target_modules=r"^(vision_model.*\.(qkv|fc2)|language_model.*\.wqkv)$", r=4, lora_alpha=8)]
     adapters, merged_dirs = {}, {}
     for i, spec in enumerate(specs):
         adir = make_peft_adapter(base_dir, tmp_path / f"a{i}", seed=51 + i, **spec)
         adapters[f"a{i}"] = str(adir)
         merged_dirs[i + 1] = merge_adapter_checkpoint(base_dir, adir, tmp_path / f"a{i}-merged")
+    if fold:  # one delta per folded layer: the second adapter keeps to the LLM
+        adapters["a1"] = str(make_peft_adapter(base_dir, tmp_path / "llm", seed=52, target_modules=["wqkv"], r=4))
+        merged_dirs[2] = merge_adapter_checkpoint(base_dir, adapters["a1"], tmp_path / "llm-merged")
     sharded = 0
     for rank in range(tp):
         served = build_rank(base_dir, tp, rank, adapters)
-        folded = {n for n, m in linear_modules(served).items() if n.startswith("vision_model.")}
-        sharded += sum(m.is_tp for n, m in linear_modules(served).items() if n in folded)
+        vision = {n: m for n, m in linear_modules(served).items() if n.startswith("vision_model.")}
+        sharded += sum(m.is_tp for m in vision.values())
         merged = {aid: build_rank(d, tp, rank) for aid, d in merged_dirs.items()}
+        folded = set(vision) if fold else set()
         stats = compare(served, build_rank(base_dir, tp, rank), merged, folded=folded)
-        assert stats["folded"] == len(folded) and stats["targeted"] > 0, (rank, stats)
+        assert stats["targeted"] > 0, (rank, stats)
+        if fold:
+            assert stats["folded"] == len(folded), (rank, stats)
+        else:
+            assert all(isinstance(lora, ImageRowLoRA) for m in vision.values() for lora in m.lora_adapters.values())
+            assert all(m in stats["per_module"] for m in vision), (rank, stats)
     assert sharded, "no vision layer was split across ranks"
 
 

@@ -1,8 +1,11 @@
-"""``lmdeploy-regex-lora demo``: a tiny InternVL2-shaped model, ms-swift-style regex adapters, LMDeploy's
-real build path with and without the plugin, and a check against the merged weights.
+"""``lmdeploy-regex-lora demo``: the case this project started from, on a tiny InternVL2-8B-shaped model.
 
-Everything is generated in a temporary folder; nothing is downloaded. Exit status 0 means every
-LoRA-carrying linear of LMDeploy's model equals the merged checkpoint for every adapter.
+Two task adapters in ms-swift 2.2.5's default form for InternVL2 (LLM and projector), LMDeploy failing on
+them alone, then both served side by side through LMDeploy's real build path with the plugin: each request's
+image embeddings (vision tower + projector, LoRA through LMDeploy's own Triton kernel, interpreted on CPU)
+equal its own adapter's merged model, and every LoRA-carrying linear equals the merged checkpoints.
+
+Everything is generated in a temporary folder; nothing is downloaded. Exit status 0 means both checks passed.
 """
 
 from __future__ import annotations
@@ -19,18 +22,13 @@ from pathlib import Path
 # Set before this module imports the plugin's hook: True only when the installed .pth activated it.
 _PTH_ACTIVE = "lmdeploy_regex_lora_boot" in sys.modules
 
-# Two adapters an InternVL2-8B user gets from ms-swift's defaults (swift-adapters.md §1). The first is
-# v3.0.3-v3.2.x's (prefix + negative look-ahead, which also matches norms and the embedding: only linear
-# layers count). The second is v3.4.1+'s, which also matches InternLM2's LM head `language_model.output`
-# (served per request: each logits row uses its own sequence's adapter).
+# ms-swift 2.2.4 - 2.2.5's default target_modules for InternVL2 (swift-adapters.md §1): every LLM linear and
+# the projector mlp1.1 / mlp1.3. Two task adapters trained that way (swift 2.x: r=8, alpha=32; the second one
+# with another rank) change the same projector layers differently: folding could serve only one of them.
+SWIFT_225_DEFAULT = r".*(wqkv|wo|w[123]|mlp1\.(1|3))$"
 ADAPTERS = {
-    "swift-v3.0-default": dict(
-        target_modules=r"(?!^(mlp1))^(language_model)(?!.*(lora_A|lora_B|base_layer|emb|wte|shared|lm_head|output"
-                       r"|score|v_head|classifier)).*",
-        r=8, lora_alpha=32, use_rslora=False, seed=1),
-    "swift-v3.4-default": dict(
-        target_modules=r"^(language_model.*\.(output|w2|w3|w1|wo|wqkv))$", r=24, lora_alpha=48, use_rslora=True,
-        seed=2),
+    "task-a": dict(target_modules=SWIFT_225_DEFAULT, r=8, lora_alpha=32, use_rslora=False, seed=1),
+    "task-b": dict(target_modules=SWIFT_225_DEFAULT, r=16, lora_alpha=32, use_rslora=False, seed=2),
 }
 
 
@@ -70,62 +68,73 @@ def write_swift_adapter(model_dir: Path, out: Path, spec: dict) -> dict[str, tup
     return deltas
 
 
-def run(workdir: Path) -> int:
+def _make_inputs(workdir: Path) -> tuple[Path, dict[str, str]]:
+    from ..testing.tiny_models import make_tiny_model
+
+    _say(f"work folder: {workdir}")
+    model_dir = make_tiny_model("internvl2_internlm2", workdir / "InternVL2-tiny", num_layers=2)
+    _say(f"1. tiny InternVL2-8B-shaped model (vision_model, mlp1, language_model=InternLM2): {model_dir}")
+    adapters = {}
+    for name in sorted(ADAPTERS):  # LMDeploy numbers adapters by sorted name; id 0 is "no adapter"
+        spec = ADAPTERS[name]
+        folder = workdir / f"checkpoint-{name}"
+        deltas = write_swift_adapter(model_dir, folder, spec)
+        adapters[name] = str(folder)
+        projector = sorted(m for m in deltas if m.startswith("mlp1."))
+        _say(f"2. adapter {name!r} in ms-swift 2.2.5's default form: target_modules={spec['target_modules']!r} "
+             f"r={spec['r']} alpha={spec['lora_alpha']} ({len(deltas)} linear layers, projector {projector})")
+    return model_dir, adapters
+
+
+def _show_native_failure(model_dir: Path, adapters: dict[str, str]) -> None:
+    import traceback
+
     import torch
 
     import lmdeploy_regex_lora
 
-    from ..merge.writer import merge_checkpoint
-    from ..serve import hook
     from ..testing.build import build_lmdeploy_model
-    from ..testing.compare import Mismatch, compare
-    from ..testing.tiny_models import make_tiny_model
-
-    cpu = torch.device("cpu")
-    _say(f"work folder: {workdir}")
-    model_dir = make_tiny_model("internvl2_internlm2", workdir / "InternVL2-tiny", num_layers=2)
-    _say(f"1. tiny InternVL2-8B-shaped model (vision_model, mlp1, language_model=InternLM2): {model_dir}")
-    adapters, deltas = {}, {}
-    # LMDeploy numbers adapters by sorted name; id 0 is "no adapter".
-    for i, name in enumerate(sorted(ADAPTERS), start=1):
-        spec = ADAPTERS[name]
-        folder = workdir / f"checkpoint-{name}"
-        deltas[i] = write_swift_adapter(model_dir, folder, spec)
-        adapters[name] = str(folder)
-        _say(f"2. adapter {name!r}: target_modules={spec['target_modules']!r} r={spec['r']} "
-             f"alpha={spec['lora_alpha']} rslora={spec['use_rslora']} ({len(deltas[i])} linear layers)")
-
-    from lmdeploy.pytorch.models import patch
 
     _say("3. LMDeploy alone (plugin uninstalled) on the same adapters:")
     lmdeploy_regex_lora.uninstall()
+    from lmdeploy.pytorch.models import patch
+
     native = build_lmdeploy_model(model_dir)
     try:
-        patch.add_adapters(native, adapters, dtype=torch.float32, device=cpu)
+        patch.add_adapters(native, adapters, dtype=torch.float32, device=torch.device("cpu"))
         _say("   loaded (unexpected for a regex target_modules)")
     except Exception as exc:  # LMDeploy's own failure is what we show
-        import traceback
-
         last = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{last.filename.split('site-packages/')[-1]}:{last.lineno}"
         _say(f"   fails: {type(exc).__name__}: {str(exc)[:160]} (at {where}: {last.line})")
-    del native
+
+
+def _serve(model_dir: Path, adapters: dict[str, str]):
+    """The model with both adapters loaded through LMDeploy's add_adapters and the plugin; None if it stands aside."""
+    import logging
+
+    import torch
+
+    import lmdeploy_regex_lora
+
+    from ..serve import hook
+    from ..testing.build import build_lmdeploy_model
 
     if not lmdeploy_regex_lora.install():
         _say("   the plugin stands aside here (see the log line above); cannot continue")
-        return 2
+        return None
+    from lmdeploy.pytorch.models import patch
+
     origin = "the installed .pth hook" if _PTH_ACTIVE else "lmdeploy_regex_lora.install()"
-    _say(f"4. with the plugin (activated by {origin}), through LMDeploy's build_patched_model -> "
-         "load_model_weights -> add_adapters:")
+    _say(f"4. with the plugin (activated by {origin}), both adapters side by side, through LMDeploy's "
+         "build_patched_model -> load_model_weights -> add_adapters:")
     served = build_lmdeploy_model(model_dir)
     start = time.perf_counter()
-    import logging
-
     plugin_log = logging.getLogger("lmdeploy.regex_lora")
     level = plugin_log.level
     plugin_log.setLevel(logging.WARNING)  # the plan is printed below; LMDeploy's log would show it twice
     try:
-        plan = patch.add_adapters(served, adapters, dtype=torch.float32, device=cpu)
+        plan = patch.add_adapters(served, adapters, dtype=torch.float32, device=torch.device("cpu"))
     finally:
         plugin_log.setLevel(level)
     _say(f"   loaded in {time.perf_counter() - start:.2f} s")
@@ -133,23 +142,71 @@ def run(workdir: Path) -> int:
         from ..serve.loader import resolve
 
         plan = resolve(served, adapters).plan
-    _say("\n" + plan.render() + "\n")
+    _say("\n" + plan.render())
+    _say("   (folded into the base weights, LMDEPLOY_REGEX_LORA_FOLD_VISION=1, this pair is refused: the projector "
+         "is one weight that every request shares)\n")
     assert hook.is_installed()
+    return served
 
-    _say("5. check against the merged checkpoints (`lmdeploy-regex-lora merge`), loaded by LMDeploy natively:")
-    base = build_lmdeploy_model(model_dir)
-    merged = {}
-    for i, name in enumerate(sorted(adapters), start=1):
-        out = merge_checkpoint(model_dir, adapters[name], workdir / f"merged-{i}", name=name, progress=False)["out"]
-        merged[i] = build_lmdeploy_model(out)
+
+def _check_images(served, model_dir: Path, merged_dirs: dict[int, str]) -> bool:
+    """Step 5: each request's image embeddings against its own adapter's merged model (or the base)."""
+    from ..testing import vision_check as vc
+    from ..testing.build import build_lmdeploy_model
+
+    names = {0: "no adapter", **{i: repr(n) for i, n in enumerate(sorted(ADAPTERS), start=1)}}
+    _say("5. one batch of three requests through LMDeploy's image path (build_context, "
+         "prepare_inputs_for_generation, InternViT + mlp1; LoRA by LMDeploy's Triton kernel, interpreted on CPU), "
+         "each against its own merged model run alone:")
+    refs = {0: vc.VisionRunner(build_lmdeploy_model(model_dir), model_dir)}
+    refs.update({i: vc.VisionRunner(build_lmdeploy_model(d), d) for i, d in merged_dirs.items()})
+    requests = vc.make_requests(served)
+    result = vc.check_requests(vc.VisionRunner(served, model_dir), refs, requests)
+    for i, req in enumerate(requests):
+        tiles = " + ".join(str(int(m.data.shape[0])) for m in req.images)
+        effect = (f"its adapter changes them by up to {result['lora_effect_per_request'][i]:.3g}" if req.adapter_id
+                  else "bit-identical to the base model on the same batch" if result["no_adapter_bit_identical"]
+                  else "NOT bit-identical to the base model on the same batch")
+        own = "its merged" if req.adapter_id else "the base"
+        _say(f"   request {i + 1}: {names[req.adapter_id]}, {len(req.images)} image(s) of {tiles} tile(s): image "
+             f"embeddings within {result['max_err_per_request'][i]:.2e} of {own} model's, run alone; {effect}")
+    if not result["ok"]:
+        _say(f"   MISMATCH: {result}")
+    return result["ok"]
+
+
+def _check_weights(served, model_dir: Path, merged_dirs: dict[int, str]) -> bool:
+    from ..testing.compare import Mismatch, compare, load_models
+
+    _say("6. every LoRA-carrying linear against the merged checkpoints, loaded by LMDeploy natively:")
+    base, merged = load_models(model_dir, merged_dirs)
     try:
         stats = compare(served, base, merged)
     except Mismatch as exc:
         _say(f"   MISMATCH: {exc}")
-        return 1
+        return False
     _say(f"   {stats['targeted']} (module, adapter) pairs equal within float32 rounding "
-         f"(largest error {stats['max_err']:.2e}); {stats['untargeted']} untargeted pairs exactly zero; "
-         f"{stats['slots']} slots give 'no adapter' exactly zero.")
+         f"(largest error {stats['max_err']:.2e}), the projector's image-row slots included; "
+         f"{stats['untargeted']} untargeted pairs exactly zero; {stats['slots']} slots give 'no adapter' exactly zero.")
+    return True
+
+
+def run(workdir: Path) -> int:
+    from ..testing.vision_check import use_interpreted_kernel
+
+    use_interpreted_kernel()  # before Triton is first imported: step 5 runs LMDeploy's kernel on CPU tensors
+    from ..merge.writer import merge_checkpoint
+
+    model_dir, adapters = _make_inputs(workdir)
+    _show_native_failure(model_dir, adapters)
+    served = _serve(model_dir, adapters)
+    if served is None:
+        return 2
+    merged_dirs = {i: merge_checkpoint(model_dir, adapters[name], workdir / f"merged-{name}", name=name,
+                                       progress=False)["out"] for i, name in enumerate(sorted(adapters), start=1)}
+    _say(f"   merged checkpoints (`lmdeploy-regex-lora merge`): {', '.join(map(str, merged_dirs.values()))}")
+    if not (_check_images(served, model_dir, merged_dirs) and _check_weights(served, model_dir, merged_dirs)):
+        return 1
     _say("demo passed")
     return 0
 

@@ -25,7 +25,8 @@ scaling (PEFT's rules, rank_pattern/alpha_pattern included), and whether target_
 every trained module.
 With --model BASE: the plan exactly as serving computes it on LMDeploy's model for BASE (built on
 the meta device, no weights read): LMDeploy module and slot of each module and how it is served
-(per request, LM head per request, folded into the base weight, or refused and why).
+(per request; LM head per request; vision tower / projector per request by image rows; folded into the base
+weight when LMDEPLOY_REGEX_LORA_FOLD_VISION=1 asks for it; or refused and why).
 
 Exit status: 0 every adapter would be served as trained; 1 an adapter would be refused or its
 config and tensors disagree; 2 an input cannot be read (message on stderr).
@@ -34,6 +35,7 @@ config and tensors disagree; 2 an input cannot be read (message on stderr).
 SERVING_LABELS = {
     Serving.PER_REQUEST: "per request",
     Serving.LM_HEAD: "LM head, per request",
+    Serving.IMAGE_ROWS: "per request, image rows",
     Serving.FOLDED: "folded into base weight (all requests)",
     Serving.NON_TOKEN: "vision/projector rows",
     Serving.PLAIN_LINEAR: "plain Linear (no LoRA slot)",
@@ -130,8 +132,8 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
         from ..serve.plan import build_slots
 
         report["slots"] = [asdict(s) for s in build_slots(resolved_ok, model_map)]
-    # Layers folded into the base weight serve every request: two adapters may share one only with equal
-    # deltas, which serving checks by value (inspect has none).
+    # With LMDEPLOY_REGEX_LORA_FOLD_VISION=1, layers folded into the base weight serve every request: two adapters
+    # may share one only with equal deltas, which serving checks by value (inspect has none).
     folders: dict[str, list[str]] = {}
     for a in report["adapters"]:
         if a["status"] == "ok":
@@ -146,8 +148,8 @@ def servable_everywhere(model_map):
     """A copy of ``model_map`` in which every linear takes LoRA per request.
 
     ``inspect`` uses it to still list the modules of an adapter that serving refuses only for where its
-    layers are (the vision tower or projector of an interleaved layout): everything else the plan
-    checks (naming, targets against tensors, ranks, shapes) stays as strict as serving.
+    layers are (the vision tower or projector of a VLM without a verified image-row rule): everything else
+    the plan checks (naming, targets against tensors, ranks, shapes) stays as strict as serving.
     """
     import copy
     from dataclasses import replace

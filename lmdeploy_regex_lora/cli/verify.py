@@ -4,7 +4,8 @@ The model is built by LMDeploy on CPU (its own classes and weight loaders), the 
 through LMDeploy's ``add_adapters`` with the plugin in place, and every adapter's merged checkpoint
 (written by :mod:`lmdeploy_regex_lora.merge`, or given with ``--against``) is loaded natively by LMDeploy.
 Then, for every LMDeploy linear and every adapter, what the plugin applies (base weight plus
-``scaling * B @ A`` from its LoRA slots, or the folded weight) must equal the merged weight: the one
+``scaling * B @ A`` from its LoRA slots, the vision tower's and projector's image-row slots included, or the
+weight folded when LMDEPLOY_REGEX_LORA_FOLD_VISION=1 asks for it) must equal the merged weight: the one
 comparison of :mod:`lmdeploy_regex_lora.testing.compare`, with half a unit in the last place of the merged
 checkpoint's dtype allowed on top (a bfloat16 checkpoint can only hold the merged weight rounded to
 bfloat16). Layers no adapter touches must be bit-identical.
@@ -147,7 +148,8 @@ def render(report: dict) -> str:
     shared = sorted({a["name"] for a in report["adapters"] for r in a["rows"] if r["allowed"] is None})
     if shared:
         lines.append(f"note: requests for {', '.join(map(repr, shared))} also see another adapter's delta folded "
-                     "into vision/projector layers (LMDeploy cannot choose an adapter per request there)")
+                     "into vision/projector layers (LMDEPLOY_REGEX_LORA_FOLD_VISION=1; without it those layers are "
+                     "served per request)")
     if report["error"]:
         lines.append(f"FAILED: {report['error']}")
     elif report["ok"]:

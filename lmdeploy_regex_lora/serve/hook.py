@@ -199,13 +199,19 @@ def install() -> bool:
 
 
 def uninstall() -> None:
-    """Remove the import hook and put LMDeploy's original objects back; idempotent."""
+    """Remove the import hook and put LMDeploy's original objects back; idempotent.
+
+    Plain ``nn.Linear`` layers the loader wrapped for image-row LoRA get their original objects back too.
+    """
     with _lock:
         import_hook.unregister()
         for point in patch_points():
             _unwrap(point)
         _originals.clear()
         _proxies.clear()
+        vision = sys.modules.get("lmdeploy_regex_lora.serve.vision")  # not imported: nothing was wrapped
+        if vision is not None:
+            vision.unwrap_all()
 
 
 def is_installed() -> bool:

@@ -20,7 +20,7 @@ from .steps import STEP_ATTR, recorder_active
 
 
 class _FixedContext:
-    """A stand-in ctx_mgr whose current context describes LM-head rows, for ``TritonLoRAImpl``."""
+    """A stand-in ctx_mgr whose current context describes a slot's own runs of rows, for ``TritonLoRAImpl``."""
 
     def __init__(self, context) -> None:
         self._context = context
@@ -29,16 +29,29 @@ class _FixedContext:
         return self._context
 
 
+def forward_runs(lora: LoRA, x: torch.Tensor, base_output: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                 ids: torch.Tensor) -> torch.Tensor:
+    """LMDeploy's own LoRA forward (``lora.impl``, its kernel) on the given runs of rows instead of the step's."""
+    context = SimpleNamespace(q_start_loc=starts, q_seqlens=counts, local_adapter_ids=ids, is_decoding=False)
+    return lora.impl.forward(x, lora.lora_A, lora.lora_B, base_output, lora.adapter_info,
+                             ctx_mgr=_FixedContext(context), colwise=lora.colwise, is_tp=lora.is_tp)
+
+
+def recorded_step(lora: LoRA, layer: str):
+    """The step the ``build_context`` patch point recorded for ``lora``'s model; refuses when it stopped recording."""
+    if not recorder_active(lora.ctx_mgr):
+        raise RuntimeError(
+            f"[lmdeploy-regex-lora] LoRA on the {layer} needs the plugin's record of each step's rows, and the "
+            "plugin was uninstalled after the adapters were loaded; rather than serve every row as 'no "
+            "adapter', this step is refused. Keep the plugin installed while the engine runs.")
+    return getattr(lora.ctx_mgr, STEP_ATTR, None)
+
+
 class RowLoRA(LoRA):
     """LMDeploy's ``LoRA`` slot for a layer whose rows are not the step's token rows (the LM head)."""
 
     def forward(self, x, base_output=None):
-        if not recorder_active(self.ctx_mgr):
-            raise RuntimeError(
-                "[lmdeploy-regex-lora] LoRA on the LM head needs the plugin's record of each step's rows, and the "
-                "plugin was uninstalled after the adapters were loaded; rather than serve every row as 'no "
-                "adapter', this step is refused. Keep the plugin installed while the engine runs.")
-        step = getattr(self.ctx_mgr, STEP_ATTR, None)
+        step = recorded_step(self, "LM head")
         num_rows = x.numel() // x.size(-1)
         ids = step.row_adapter_ids(num_rows) if step is not None else None
         if ids is None or num_rows == 0:
@@ -47,6 +60,4 @@ class RowLoRA(LoRA):
         # One run per group of consecutive rows with the same adapter.
         values, counts = torch.unique_consecutive(ids, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        context = SimpleNamespace(q_start_loc=starts, q_seqlens=counts, local_adapter_ids=values, is_decoding=False)
-        return self.impl.forward(x, self.lora_A, self.lora_B, base_output, self.adapter_info,
-                                 ctx_mgr=_FixedContext(context), colwise=self.colwise, is_tp=self.is_tp)
+        return forward_runs(self, x, base_output, starts, counts, values)

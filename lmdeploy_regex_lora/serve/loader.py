@@ -15,8 +15,9 @@ Set it in the environment of the process that builds the model (LMDeploy's engin
 ``mp`` workers or Ray actors inherit the server's environment). Errors that name no single
 adapter (e.g. adapters loaded twice) always raise.
 
-Whatever fails, nothing stays attached: LoRA slots added by this call are removed again, weights
-folded by it restored, and LMDeploy's step context manager put back as it was. An exception the
+Whatever fails, nothing stays attached: LoRA slots added by this call are removed again, plain
+``nn.Linear`` layers it wrapped put back (the same objects), weights folded by it restored, and
+LMDeploy's step context manager put back as it was. An exception the
 plugin did not foresee is re-raised as an :class:`AdapterError` naming the adapter and module it
 was working on, with the original chained.
 """
@@ -35,6 +36,7 @@ from .config import read_adapter_config
 from .model_map import ModelMap
 from .plan import AdapterPlan, LoadPlan, ResolvedAdapter, ResolvedLoad, build_folds, build_slots, resolve_adapter
 from .slots import install_slots
+from .vision_policy import ENV_FOLD_VISION, fold_vision
 from .weights import read_adapter_tensors
 
 logger = logging.getLogger("lmdeploy.regex_lora")
@@ -132,10 +134,17 @@ class _Snapshot:
         for fold in plan.folds:
             weight = modules[fold.lmdeploy_module].weight
             self.weights[fold.lmdeploy_module] = (weight, weight.detach().clone())
+        # Plain nn.Linear layers on image rows get a wrapper when their slots are attached (vision.py).
+        self.plain = {name: mod for name, mod in modules.items() if type(mod) is torch.nn.Linear}
         self.ctx_mgr = getattr(model, "ctx_mgr", None)
         self.ctx_attrs = dict(vars(self.ctx_mgr)) if hasattr(self.ctx_mgr, "__dict__") else None
 
     def restore(self, model: torch.nn.Module) -> None:
+        for name, original in self.plain.items():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if getattr(parent, leaf) is not original:
+                setattr(parent, leaf, original)
         modules = dict(model.named_modules())
         for name, before in self.slots.items():
             current = modules[name].lora_adapters
@@ -177,6 +186,7 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
         device = torch.device("cuda")
     start = time.perf_counter()
     skip = on_error_mode() == "skip"
+    fold_vision()  # a typo in that switch stops the load here, whatever the error mode
     model = _unwrap(model)
     paths = _checked_paths(adapters)
     skipped: dict[str, AdapterError] = {}
@@ -198,10 +208,10 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
         for f in plan.folds:
             counts[f.adapter] = counts.get(f.adapter, 0) + 1
         logger.warning(
-            "LoRA on vision/projector layers is folded into the base weights, so EVERY request (other adapters "
-            "and the base model included) sees it: %s. LMDeploy cannot tell which request an image row belongs "
-            "to; the plan lists the layers.",
-            ", ".join(f"adapter {a!r}: {n} layer(s)" for a, n in sorted(counts.items())))
+            "LoRA on vision/projector layers is folded into the base weights, as %s=1 asks, so EVERY request "
+            "(other adapters and the base model included) sees it: %s. The plan lists the layers; without %s "
+            "they are served per request.", ENV_FOLD_VISION,
+            ", ".join(f"adapter {a!r}: {n} layer(s)" for a, n in sorted(counts.items())), ENV_FOLD_VISION)
     served = len(plan.adapters) - len(skipped)  # the skipped ones keep a placeholder (their id)
     logger.info("loaded %d adapter(s) into %d LoRA slots in %.2f s%s:\n%s", served, len(plan.slots),
                 time.perf_counter() - start, f" ({len(skipped)} skipped: {', '.join(sorted(skipped))})"

@@ -28,15 +28,18 @@ class Serving(str, Enum):
     LM_HEAD = "lm-head"  # a slot that maps logits rows to sequences itself (lm_head.RowLoRA)
     NON_TOKEN = "non-token-rows"  # a layer on vision/projector rows (a site's kind, not a way to serve)
     PLAIN_LINEAR = "plain-linear"  # a torch.nn.Linear: LMDeploy has no LoRA slot on it
-    #: The delta is folded into the base weight at load time, so every request sees it (plan.build_folds).
+    #: A slot on vision/projector rows: each image's rows use its sequence's adapter (vision.ImageRowLoRA).
+    IMAGE_ROWS = "per-request-image"
+    #: Only with LMDEPLOY_REGEX_LORA_FOLD_VISION=1: the delta is folded into the base weight at load time,
+    #: so every request sees it (plan.build_folds).
     FOLDED = "folded"
 
     def __str__(self) -> str:
         return self.value
 
 
-PER_REQUEST, LM_HEAD, NON_TOKEN, PLAIN_LINEAR, FOLDED = (
-    Serving.PER_REQUEST, Serving.LM_HEAD, Serving.NON_TOKEN, Serving.PLAIN_LINEAR, Serving.FOLDED)
+PER_REQUEST, LM_HEAD, NON_TOKEN, PLAIN_LINEAR, IMAGE_ROWS, FOLDED = (
+    Serving.PER_REQUEST, Serving.LM_HEAD, Serving.NON_TOKEN, Serving.PLAIN_LINEAR, Serving.IMAGE_ROWS, Serving.FOLDED)
 
 # Model classes (LMDeploy's) whose fused ``wqkv`` stores rows interleaved per KV head in the
 # checkpoint: (kv_head, q_per_kv + 2, head_dim). LMDeploy's own LoRA loader for InternLM2 reorders

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from ..errors import AdapterError, Blame, where
 from .config import AdapterConfig
 from .matching import resolve_targets
-from .model_map import FOLDED, LM_HEAD, NON_TOKEN, PER_REQUEST, PLAIN_LINEAR, ModelMap, Serving, Site, rename, unrename
+from .model_map import FOLDED, IMAGE_ROWS, LM_HEAD, PER_REQUEST, ModelMap, Serving, Site, rename, unrename
+from .vision_policy import ENV_FOLD_VISION, FOLD_FIX, VisionPolicy, foldable, off_token_rows, vision_policy
 from .weights import AdapterTensors, LoraPair
 
 #: LMDeploy's Triton LoRA kernel sizes a block with ``tl.arange(0, max(16, max_rank))``: it must be a
@@ -71,13 +72,15 @@ class SlotPlan:
     ranks: list[int]  # per adapter id; id 0 is "no adapter" and always 0
     scalings: list[float]
     kernel_block_rank: int
-    serving: Serving = PER_REQUEST  # LM_HEAD slots map their rows to requests themselves (lm_head.py)
+    #: LM_HEAD and IMAGE_ROWS slots map their rows to requests themselves (lm_head.py, vision.py)
+    serving: Serving = PER_REQUEST
 
 
 @dataclass
 class FoldPlan:
-    """A layer whose rows are not token rows (vision tower, projector): LMDeploy cannot pick an adapter per
-    request there, so the one adapter that changes it is folded into its base weight for every request."""
+    """A layer whose rows are not token rows (vision tower, projector), folded because the operator chose
+    to (``LMDEPLOY_REGEX_LORA_FOLD_VISION=1``): the one adapter that changes it is added to its base weight,
+    for every request."""
 
     hf_name: str  # checkpoint name
     lmdeploy_module: str
@@ -113,8 +116,11 @@ class LoadPlan:
                 lines.append(f"  {m.hf_name:<56} {slot:<44} {m.rank:>4} {m.alpha:>7g} {m.scaling:>8.4g}  {m.reason}")
         for f in self.folds:
             lines.append(f"folded into the base weight of {f.lmdeploy_module} for every request: adapter "
-                         f"{f.adapter!r} (r={f.rank}, scale={f.scaling:.4g}); LMDeploy cannot tell which request "
-                         "a vision/projector row belongs to")
+                         f"{f.adapter!r} (r={f.rank}, scale={f.scaling:.4g}), as {ENV_FOLD_VISION}=1 asks")
+        images = sum(s.serving == IMAGE_ROWS for s in self.slots)
+        if images:
+            lines.append(f"{images} vision/projector slots serve per request: each image's rows use its own "
+                         "sequence's adapter")
         lines.append(f"{len(self.slots)} LoRA slots; adapter ids: "
                      + ", ".join(f"{a.adapter_id}={a.name}" for a in self.adapters) + " (0 = no adapter)")
         return "\n".join(lines)
@@ -154,6 +160,10 @@ def resolve_adapter(
     """Match one adapter's config against the model and check it against its own tensors."""
     file = tensors.file
     bad = Blame(cfg.name, file)
+    policy = vision_policy(getattr(model_map, "model", None))
+    if policy.refusal:
+        raise bad(policy.refusal, "merge the adapter into the base model (`lmdeploy-regex-lora merge`) and serve "
+                  "the merge, which needs no LoRA.")
     label, rules = model_map.choose_scheme(cfg.name, file, list(tensors.pairs))
     # Names as the trainer's model had them, for every linear layer of the served model.
     names = {unrename(site_name, rules): site_name for site_name in model_map.sites}
@@ -168,15 +178,17 @@ def resolve_adapter(
         pattern_rule=resolution.pattern_rule,
     )
     by_site: dict[str, tuple[ModulePlan, LoraPair]] = {}
-    unservable: list[tuple[str, Site]] = []
+    unservable: list[tuple[str, str]] = []
+    would_fold: list[bool] = []  # per refused layer: would fold mode serve it?
     for name in sorted(resolution.modules):
         with where(module=name):
             site = model_map.sites[rename(name, rules)]
             pair = tensors.pairs[name]
             _check_shapes(bad, name, pair, site, model_map)
-            serving = _serving(site)
+            serving, why = _serving(site, policy, model_map.modules.get(site.lmdeploy_module))
             if serving is None:
-                unservable.append((name, site))
+                unservable.append((name, why))
+                would_fold.append(foldable(site))
                 continue
             choice = resolution.modules[name]
             module_plan = ModulePlan(name, site.lmdeploy_module, site.slot, pair.rank, choice.alpha, choice.scaling,
@@ -184,23 +196,23 @@ def resolve_adapter(
             plan.modules.append(module_plan)
             by_site[site.hf_name] = (module_plan, pair)
     if unservable:
-        desc = ", ".join(f"{n!r} ({s.serving})" for n, s in unservable[:4])
+        desc = ", ".join(f"{n!r} ({why})" for n, why in unservable[:4])
         more = f" and {len(unservable) - 4} more" if len(unservable) > 4 else ""
         raise bad(f"targets layers LMDeploy cannot serve LoRA on: {desc}{more}. Dropping them would serve a model "
                   "different from the one trained.",
+                  FOLD_FIX if all(would_fold) and not policy.fold else
                   "merge the adapter into the base model (`lmdeploy-regex-lora merge`) and serve the merge.",
                   module=unservable[0][0])
     return ResolvedAdapter(plan=plan, by_site=by_site)
 
 
-def _serving(site: Site) -> Serving | None:
-    """How a targeted site is served, or None when it cannot be."""
-    if site.serving in (NON_TOKEN, PLAIN_LINEAR):
-        # Folding needs the checkpoint's row order, which an interleaved layout does not keep.
-        return None if site.interleaved_qkv is not None else FOLDED
+def _serving(site: Site, policy: VisionPolicy, module: object) -> tuple[Serving | None, str]:
+    """How a targeted site is served, or (None, why it cannot be)."""
+    if off_token_rows(site):
+        return policy.serving(site, module)
     if site.serving in (PER_REQUEST, LM_HEAD) and site.lora_capable:
-        return site.serving
-    return None
+        return site.serving, ""
+    return None, str(site.serving)
 
 
 def _check_shapes(bad: Blame, name: str, pair: LoraPair, site: Site, model_map: ModelMap) -> None:
@@ -256,7 +268,8 @@ def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, rules: tuple
 
 
 def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[FoldPlan]:
-    """Vision/projector deltas: fold when one adapter changes a layer (or all that do agree), else refuse."""
+    """Vision/projector deltas in fold mode: fold when one adapter changes a layer (or all that do agree), else
+    refuse (without fold mode no site is FOLDED and this returns nothing)."""
     owners: dict[str, list[ResolvedAdapter]] = {}
     for ra in resolved:
         for site_name, (m, _) in ra.by_site.items():
@@ -275,9 +288,10 @@ def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[Fo
         more = f" (and {len(conflicts) - 1} more layers)" if len(conflicts) > 1 else ""
         raise AdapterError(
             f"adapters {', '.join(repr(n) for n in names)} change the same vision/projector layer differently"
-            f"{more}. LMDeploy cannot tell which request an image row belongs to, so at most one delta can be "
-            "folded into such a layer.", adapter=names[0], module=site_name,
-            fix="serve these adapters from separate servers, or merge each into its own copy of the base model.")
+            f"{more}. {ENV_FOLD_VISION}=1 folds such layers into the one base weight every request shares, so "
+            "at most one delta can be folded into each.", adapter=names[0], module=site_name,
+            fix=f"unset {ENV_FOLD_VISION}: these layers are then served per request, each image with its own "
+                "request's adapter.")
     return folds
 
 
@@ -311,7 +325,7 @@ def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[Sl
                 if slot is None:
                     slot = by_site[site_name] = SlotPlan(site.lmdeploy_module, site.slot, site.hf_name,
                                                          site.in_features, site.out_features, site.base_slice,
-                                                         [0] * num_ids, [0.0] * num_ids, 0, site.serving)
+                                                         [0] * num_ids, [0.0] * num_ids, 0, m.serving)
                 slot.ranks[ra.plan.adapter_id] = m.rank
                 slot.scalings[ra.plan.adapter_id] = m.scaling
     for slot in by_site.values():

@@ -1,8 +1,9 @@
 """Installing LoRA slots on LMDeploy's linears from a resolved plan.
 
 Every slot is built and filled off the model first; only when all of them are ready (and hold no
-NaN or Inf) are they attached. If attaching fails part way, the one caller (``loader._install``) puts
-the model back from its snapshot of slots, folded weights and step context. A slot holds exactly the
+NaN or Inf) are they attached (a plain ``nn.Linear`` on image rows gets a wrapper then, vision.py). If
+attaching fails part way, the one caller (``loader._install``) puts the model back from its snapshot of
+slots, wrapped linears, folded weights and step context. A slot holds exactly the
 rows of the adapters that target its layer (adapter id 0, no adapter, has rank 0 everywhere), so every
 row is written by one adapter's copy; buffers are therefore allocated uninitialised, and any row range
 that no copy reached is zeroed before the slot is checked and attached (see :func:`_zero_unplaced`).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterError, bug, where
-from .model_map import FOLDED, LM_HEAD
+from .model_map import FOLDED, IMAGE_ROWS, LM_HEAD
 from .plan import FoldPlan, ResolvedAdapter, ResolvedLoad, SlotPlan
 from .weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, all_finite
 
@@ -99,6 +100,7 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
     from lmdeploy.pytorch.nn.linear import LoRA
 
     from .lm_head import RowLoRA
+    from .vision import ImageRowLoRA
 
     mod = modules[slot.lmdeploy_module]
     ranks = torch.tensor(slot.ranks, dtype=torch.long, device=device)
@@ -108,7 +110,8 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
     lora_a = torch.empty((sum_rank, mod.in_features), dtype=dtype, device=device)
     lora_b = torch.empty((sum_rank, slot.base_slice[1] - slot.base_slice[0]), dtype=dtype, device=device)
     packed = slot.slot != slot.lmdeploy_module.rsplit(".", 1)[-1]
-    lora = (RowLoRA if slot.serving == LM_HEAD else LoRA)(
+    kind = {LM_HEAD: RowLoRA, IMAGE_ROWS: ImageRowLoRA}.get(slot.serving, LoRA)
+    lora = kind(
         mod.in_features,
         slot.base_slice[1] - slot.base_slice[0],
         ranks=ranks,
@@ -117,8 +120,8 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
         lora_b=lora_b,
         base_slice=slice(*slot.base_slice),
         ctx_mgr=getattr(model, "ctx_mgr", None),
-        colwise=mod.colwise,
-        is_tp=mod.is_tp,
+        colwise=getattr(mod, "colwise", True),  # a plain nn.Linear (image rows only) is not tensor-parallel
+        is_tp=getattr(mod, "is_tp", False),
         lora_b_spliter=None if packed else getattr(mod, "weight_spliter_lora_b", None),
     )
     # The kernel's rank block must be a power of two; rows past an adapter's rank are masked.
@@ -134,7 +137,7 @@ def install_slots(model: torch.nn.Module, load: ResolvedLoad, dtype: torch.dtype
     modules = dict(model.named_modules())
     slots = load.plan.slots
     for slot in slots:
-        if slot.slot in modules[slot.lmdeploy_module].lora_adapters:
+        if slot.slot in getattr(modules[slot.lmdeploy_module], "lora_adapters", {}):
             raise AdapterError(f"already has a LoRA slot {slot.slot!r}; adapters were loaded into this model "
                                "before.", module=slot.lmdeploy_module,
                                fix="load all adapters in one call (LMDeploy's --adapters a=... b=...).")
@@ -146,13 +149,17 @@ def install_slots(model: torch.nn.Module, load: ResolvedLoad, dtype: torch.dtype
     _zero_unplaced(slots, staged, placed)
     _refuse_non_finite(slots, staged, load.adapters, dtype)
     folded = _stage_folds(modules, load.plan.folds, load.adapters)
-    if any(s.serving == LM_HEAD for s in slots):
+    if any(s.serving in (LM_HEAD, IMAGE_ROWS) for s in slots):
         from .steps import record_steps
 
         record_steps(model.ctx_mgr)
     for slot in slots:
         with where(**load.slot_where(slot)):
             mod, lora = staged[slot.hf_name]
+            if not hasattr(mod, "lora_adapters"):  # a plain nn.Linear on image rows: give it slots
+                from .vision import wrap_plain_linear
+
+                mod = wrap_plain_linear(model, slot.lmdeploy_module)
             mod.lora_adapters[slot.slot] = lora
     for weight, new in folded:
         weight.data.copy_(new)

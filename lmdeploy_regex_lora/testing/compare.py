@@ -1,7 +1,8 @@
 """The one check of a served model against merged checkpoints, module by module, as LMDeploy loads them.
 
-For every LoRA-carrying LMDeploy linear and every adapter id, the delta the plugin's slots add
-(``scaling * B @ A`` placed at the slot's output rows) must equal ``W_merged - W_base`` as LMDeploy
+For every LoRA-carrying linear and every adapter id, the delta the plugin's slots add (``scaling * B @ A``
+placed at the slot's output rows; token-row, LM-head and image-row slots alike, on LMDeploy's linears and
+on wrapped plain ``nn.Linear`` layers) must equal ``W_merged - W_base`` as LMDeploy
 itself loads the two checkpoints; modules without slots must have ``W_merged == W_base`` exactly, and
 adapter id 0 ("no adapter") must add exactly nothing. :func:`compare_adapter` gives one row per module
 (what ``verify`` prints); :func:`compare` raises :class:`Mismatch` on the first bad row (what the tests
@@ -75,7 +76,7 @@ def compare_adapter(served: torch.nn.Module, base: torch.nn.Module, merged: torc
                     folded: frozenset[str] | set[str] = frozenset(), precision: int | None = None) -> list[dict]:
     """One row per LMDeploy linear: kind, largest error, the allowance at that element, and the verdict.
 
-    ``folded`` names the LMDeploy modules whose delta the plan folded into the base weight. ``allowed``
+    ``folded`` names the LMDeploy modules whose delta the plan folded into the base weight (fold mode). ``allowed``
     is 0.0 where the weights must be identical and None for a layer another adapter folded (its
     ``max_err`` is then that fold's size, which this adapter's requests see too).
     """

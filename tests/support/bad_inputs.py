@@ -32,14 +32,20 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def module_tree(model: torch.nn.Module) -> list[tuple[str, type, int]]:
+    """Every module by name, with its type and identity: a wrapper left in a layer's place shows up."""
+    return [(n, type(m), id(m)) for n, m in model.named_modules()]
+
+
 class ModelState:
-    """Bit-level snapshot of an LMDeploy model: every parameter and buffer, module tree, LoRA slots, ctx_mgr."""
+    """Bit-level snapshot of an LMDeploy model: every parameter and buffer, module tree (names, types and the
+    module objects themselves), LoRA slots, ctx_mgr."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.tensors = {n: (id(t), hashlib.sha256(tensor_bytes(t)).digest())
                         for n, t in [*model.named_parameters(), *model.named_buffers()]}
-        self.modules = [n for n, _ in model.named_modules()]
+        self.modules = module_tree(model)
         ctx = getattr(model, "ctx_mgr", None)
         self.ctx_attrs = dict(vars(ctx)) if ctx is not None else {}
 
@@ -55,8 +61,10 @@ class ModelState:
         if now.keys() != self.tensors.keys():
             out.append(f"tensors added/removed: {sorted(now.keys() ^ self.tensors.keys())[:5]}")
         out += [f"{n} changed" for n in self.tensors if n in now and now[n] != self.tensors[n]][:5]
-        if [n for n, _ in self.model.named_modules()] != self.modules:
-            out.append("module tree changed")
+        tree = module_tree(self.model)
+        if tree != self.modules:
+            changed = sorted({n for n, _, _ in set(tree) ^ set(self.modules)})
+            out.append(f"module tree changed: {changed[:5]}")
         slots = self.lora_slots()
         if slots:
             out.append(f"LoRA slots left: {slots}")
@@ -67,6 +75,9 @@ class ModelState:
 
     def reset(self) -> None:
         """Undo a (successful) load so the next test gets the pristine model; tensors are never touched."""
+        from lmdeploy_regex_lora.serve.vision import unwrap_plain_linears
+
+        unwrap_plain_linears(self.model)
         for m in self.model.modules():
             slots = getattr(m, "lora_adapters", None)
             if slots is not None:
