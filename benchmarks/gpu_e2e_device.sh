@@ -33,6 +33,7 @@ fi
 "$PY" -m pip check || echo "(pip check above: unmet requirements are listed, not fatal)"
 "$PY" - <<'PY' || exit 5
 import importlib.metadata as m
+import sys
 import lmdeploy_regex_lora_boot as boot
 import torch
 print("lmdeploy", m.version("lmdeploy"), "| plugin", m.version("lmdeploy-regex-lora"), "| torch", torch.__version__,
