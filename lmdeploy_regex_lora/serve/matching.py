@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import regex
@@ -229,14 +229,16 @@ def layer_index(name: str, layers_pattern: tuple[str, ...] | None, rule: str) ->
 class TargetMatcher:
     """Decides, per module name, whether one adapter targets it (PEFT's ``check_target_module_exists``)."""
 
-    def __init__(self, cfg: AdapterConfig, layer_rule: str = "greedy") -> None:
+    def __init__(self, cfg: AdapterConfig, layer_rule: str = "greedy",
+                 all_linear_leaves: frozenset[str] | None = None) -> None:
         if layer_rule not in LAYER_RULES:
             raise ValueError(f"layer_rule must be one of {LAYER_RULES}, got {layer_rule!r}")
         self.cfg = cfg
         self.layer_rule = layer_rule
         blame = _blame(cfg)
+        self._all_linear = all_linear_leaves if cfg.all_linear else None
         self._target_re = RegexField(blame, "target_modules", cfg.target_modules) \
-            if isinstance(cfg.target_modules, str) else None
+            if isinstance(cfg.target_modules, str) and not cfg.all_linear else None
         self._exclude_re = RegexField(blame, "exclude_modules", cfg.exclude_modules) \
             if isinstance(cfg.exclude_modules, str) and cfg.exclude_modules else None
         self._layer_fields = [] if cfg.layers_to_transform is None else _layer_fields(blame, cfg.layers_pattern,
@@ -252,6 +254,10 @@ class TargetMatcher:
                 hit = _list_hit(cfg.exclude_modules, name)
                 if hit:
                     return Match(False, f"excluded: exclude_modules {hit}")
+        if self._all_linear is not None:  # PEFT turns the shorthand into a set of leaf names (see all_linear_leaves)
+            if name.rsplit(".", 1)[-1] in self._all_linear:
+                return Match(True, "target_modules 'all-linear'")
+            return Match(False, "all-linear leaves out the output layer")
         if self._target_re is not None:
             if self._target_re.fullmatch(name):
                 return Match(True, "target_modules regex fullmatch")
@@ -361,13 +367,37 @@ class Resolution:
     modules: dict[str, ModuleChoice]
 
 
-def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights_file: str
+def all_linear_leaves(names: Iterable[str], output_layer: str | None) -> frozenset[str]:
+    """What PEFT 0.14 (``tuners_utils._maybe_include_all_linear_layers``) makes of ``"all-linear"``: the leaf
+    names of every linear layer, minus the output layer's *full* name. Only an output layer at the top of the
+    model (``lm_head``) is left out; a VLM's ``language_model.lm_head`` keeps its leaf, so it is targeted."""
+    return frozenset(n.rsplit(".", 1)[-1] for n in names) - ({output_layer} if output_layer else set())
+
+
+def _drop_non_linear(cfg: AdapterConfig, names: list[str], trained: set[str], rules: tuple[str, ...],
+                     not_linear: Callable[[set[str]], set[str]] | None, output_layer: str | None) -> list[str]:
+    """Names are a model's candidate layers; those a rule selects without tensors are asked about once more
+    (``not_linear``): an embedding or a router that is a bare parameter is no linear layer, so no target."""
+    for _ in range(3) if not_linear is not None else ():
+        leaves = all_linear_leaves(names, output_layer) if cfg.all_linear else None
+        untrained = {n for rule in rules for n in names if n not in trained
+                     and TargetMatcher(cfg, rule, leaves).match(n).targeted}
+        dropped = not_linear(untrained) if untrained else set()
+        if not dropped:
+            break
+        names = [n for n in names if n not in dropped]
+    return names
+
+
+def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights_file: str,
+            not_linear: Callable[[set[str]], set[str]] | None = None, output_layer: str | None = None
             ) -> tuple[str | None, dict[str, Match], set[str]]:
-    names = list(names)
     rules = layer_rules_for(cfg) if cfg.layers_to_transform is not None else ("greedy",)
+    names = _drop_non_linear(cfg, list(names), trained, rules, not_linear, output_layer)
+    leaves = all_linear_leaves(names, output_layer) if cfg.all_linear else None
     attempts = []
     for rule in rules:
-        matcher = TargetMatcher(cfg, rule)
+        matcher = TargetMatcher(cfg, rule, leaves)
         verdicts = {n: matcher.match(n) for n in names}
         selected = {n for n, v in verdicts.items() if v.targeted}
         attempts.append((rule, verdicts, selected))
@@ -402,14 +432,15 @@ def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights
 
 
 def resolve_targets(cfg: AdapterConfig, names: Iterable[str], trained_ranks: Mapping[str, int],
-                    weights_file: str) -> Resolution:
+                    weights_file: str, not_linear: Callable[[set[str]], set[str]] | None = None,
+                    output_layer: str | None = None) -> Resolution:
     """Match ``cfg`` against the model's linear ``names`` and check it against the tensors' ranks.
 
     The config must select exactly the modules the adapter has tensors for, under some PEFT layer
     rule, and give each the rank of its tensors under some PEFT rank/alpha rule; anything else is
     an :class:`AdapterError` (the config and weights disagree, so what was trained is unknown).
     """
-    layer_rule, verdicts, selected = _select(cfg, names, set(trained_ranks), weights_file)
+    layer_rule, verdicts, selected = _select(cfg, names, set(trained_ranks), weights_file, not_linear, output_layer)
     keys = PatternKeys(cfg)
     preferred = pattern_rule_for(cfg)
     ordered = [preferred] + [r for r in reversed(PATTERN_RULES) if r != preferred]
