@@ -110,3 +110,60 @@ def serve_and_compare(base_dir, specs, tmp_path, folded=frozenset()) -> dict:
 def test_swift_default_is_served_exactly(case, tiny_arch, tmp_path, plugin_installed):
     arch, specs = CASES[case]
     serve_and_compare(tiny_arch(arch), specs, tmp_path)
+
+
+def test_all_linear_is_every_linear_but_the_output_layer(tiny_arch, tmp_path, plugin_installed):
+    """``target_modules: "all-linear"`` (any case, as PEFT compares it) on the real Qwen3ForCausalLM: PEFT 0.14 wraps
+    every nn.Linear but the LM head; the plugin serves the same modules exactly."""
+    import json
+
+    from lmdeploy.pytorch.models import patch
+
+    from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
+    from lmdeploy_regex_lora.testing.compare import load_models
+
+    base = tiny_arch("qwen3")
+    adir = make_peft_adapter(base, tmp_path / "a", seed=3, naming="tf5", target_modules="all-linear", r=8,
+                             lora_alpha=16)
+    cfg_file = adir / "adapter_config.json"
+    saved = json.loads(cfg_file.read_text())
+    assert sorted(saved["target_modules"]) == sorted(L7.split("|"))  # PEFT saved the expanded leaf names
+    cfg_file.write_text(json.dumps(saved | {"target_modules": "ALL-Linear"}))
+    merged = merge_adapter_checkpoint(base, adir, tmp_path / "m", naming="tf5")
+    base_model, merged_models = load_models(base, {1: merged})
+    served = build_lmdeploy_model(base)
+    plan = patch.add_adapters(served, {"a": str(adir)}, dtype=torch.float32, device=torch.device("cpu"))
+    assert len(plan.adapters[0].modules) == 14 and not any("lm_head" in m.hf_name for m in plan.adapters[0].modules)
+    assert all(m.reason == "target_modules 'all-linear'" for m in plan.adapters[0].modules)
+    compare(served, base_model, merged_models)
+
+
+def test_all_linear_matches_peft_on_vlm_trees():
+    """PEFT 0.14 (tuners_utils._maybe_include_all_linear_layers) turns all-linear into the leaf names of every
+    nn.Linear minus the output layer's *full* name: a top-level lm_head is left out, a nested one is not. The
+    plugin's matcher selects what PEFT selects, on transformers' Qwen3-VL (top-level lm_head) and on a tree whose
+    head is language_model.lm_head."""
+    import transformers
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from torch import nn
+
+    from lmdeploy_regex_lora.serve.config import AdapterConfig
+    from lmdeploy_regex_lora.serve.matching import TargetMatcher, all_linear_leaves
+    from lmdeploy_regex_lora.testing import tiny_arch_configs as c
+
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in c.qwen3_vl_cfg(1, False).items() if k != "torch_dtype"})
+    with torch.device("meta"):
+        model = transformers.Qwen3VLForConditionalGeneration(cfg)
+    for output in ("lm_head", "model.language_model.lm_head"):
+        if output != "lm_head":  # move the head under the LLM, as pre-4.52 wrappers had it
+            model.model.language_model.lm_head = model.lm_head
+            model.lm_head = None
+            model.get_output_embeddings = lambda m=model: m.model.language_model.lm_head
+        peft_cfg = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        want = {n for n in linears if check_target_module_exists(peft_cfg, n)}
+        ours = AdapterConfig(name="x", path="p", config_file="f", target_modules="all-linear")
+        matcher = TargetMatcher(ours, all_linear_leaves=all_linear_leaves(linears, output))
+        assert {n for n in linears if matcher.match(n).targeted} == want, output
+        assert (output in want) == (output != "lm_head")

@@ -265,17 +265,19 @@ def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
 
 
 def _tied_aliases(model) -> dict[str, str]:
-    """{LMDeploy module: the parameter its weight is} for weights shared after loading (tied LM heads)."""
-    from .weight_trace import storages_of
+    """{LMDeploy module: the parameter its weight is} for weights shared after loading (tied LM heads). A module
+    registered twice (InternVL's ``lm_head`` is its LLM's) is one layer, not an alias."""
+    from .weight_trace import _storage_key, storages_of
 
     first = storages_of(model)
     out = {}
-    from .weight_trace import _storage_key
-
     for name, p in model.named_parameters(remove_duplicate=False):
         owner = first.get(_storage_key(p))
-        if owner is not None and owner != name and name.endswith(".weight"):
-            out[name.removesuffix(".weight")] = owner
+        if owner is None or owner == name or not name.endswith(".weight"):
+            continue
+        module, owner_module = name.removesuffix(".weight"), owner.rpartition(".")[0]
+        if model.get_submodule(module) is not model.get_submodule(owner_module):
+            out[module] = owner
     return out
 
 

@@ -150,9 +150,20 @@ def derive_site(entry: Entry, param_shapes: dict[str, tuple[int, ...]]) -> Site 
     slot = hf_name.rsplit(".", 1)[-1] if packed else module.rsplit(".", 1)[-1]
     if lead:
         slot += "@" + ",".join(map(str, lead))
-    rows = tuple((d - first, s, n) for d, s, n in row_spans)
+    rows = _merged(tuple((d - first, s, n) for d, s, n in row_spans))
     return Site(slot=slot, base_slice=(first, last), serving=PER_REQUEST, rows=_identity_or(rows, out_f),
                 cols=_identity_or(cols, in_f), **base)
+
+
+def _merged(spans: tuple[Span, ...]) -> tuple[Span, ...]:
+    """Join spans that continue each other (writes of one weight in several pieces), so equal maps are equal."""
+    out: list[list[int]] = []
+    for dest, src, n in spans:
+        if out and out[-1][0] + out[-1][2] == dest and out[-1][1] + out[-1][2] == src:
+            out[-1][2] += n
+        else:
+            out.append([dest, src, n])
+    return tuple((d, s, n) for d, s, n in out)
 
 
 def _contiguous(spans, start: int) -> bool:

@@ -154,7 +154,8 @@ def hf_name(arch: str, checkpoint_name: str, naming: str = "checkpoint") -> str:
 
 def _uses_transformers_class(arch: str, naming: str) -> bool:
     """Real transformers classes load these folders offline, with exactly the wanted module names."""
-    return arch in ("qwen2", "llama") or (arch == "internvl_hf" and naming in ("tf452", "tf5"))
+    return arch in ("qwen2", "llama") or (arch == "internvl_hf" and naming in ("tf452", "tf5")) or \
+        (arch == "qwen3" and naming == "tf5")
 
 
 def _load_transformers_model(model_dir: pathlib.Path, arch: str) -> nn.Module:
