@@ -88,11 +88,9 @@ _LM_HEAD_LEAVES = ("lm_head", "output")
 
 def _ties_lm_head(base: str) -> bool | None:
     """``tie_word_embeddings`` from config.json (top level, or a VLM's text/LLM config); None when unset."""
-    try:
-        with open(os.path.join(base, "config.json"), encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (OSError, ValueError):
-        return None
+    from ..serve.naming import model_config
+
+    cfg = model_config(base)
     for section in (cfg, cfg.get("text_config"), cfg.get("llm_config")):
         if isinstance(section, dict) and isinstance(section.get("tie_word_embeddings"), bool):
             return section["tie_word_embeddings"]

@@ -78,13 +78,19 @@ def choose_naming(adapter: str, file: str, tensor_modules: Collection[str], chec
             "cannot be served on it.")
 
 
-def _config_model_type(model_dir: str) -> str | None:
+def model_config(model_dir: str) -> dict:
+    """The model folder's config.json as a dict; empty when it cannot be read (callers then know nothing)."""
     try:
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
             cfg = json.load(fh)
     except (OSError, ValueError):
-        return None
-    return cfg.get("model_type") if isinstance(cfg, dict) and "auto_map" not in cfg else None
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _config_model_type(model_dir: str) -> str | None:
+    cfg = model_config(model_dir)
+    return cfg.get("model_type") if "auto_map" not in cfg else None
 
 
 @functools.lru_cache(maxsize=8)
