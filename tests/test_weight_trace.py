@@ -103,9 +103,12 @@ def _untouched(model, before) -> None:
     assert not any(len(getattr(m, "lora_adapters", {})) for m in model.modules())
 
 
-def test_missing_checkpoint_folder_is_refused(tiny_model, tmp_path, plugin_installed):
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_missing_checkpoint_folder_is_refused(on_error, tiny_model, tmp_path, plugin_installed, monkeypatch):
+    """Names no adapter: even LMDEPLOY_REGEX_LORA_ON_ERROR=skip stops the load (it would otherwise skip all)."""
     from lmdeploy.pytorch.models import patch
 
+    monkeypatch.setenv("LMDEPLOY_REGEX_LORA_ON_ERROR", on_error)
     base = tiny_model("qwen2")
     adir = make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj"], r=4, lora_alpha=8)
     model = build_lmdeploy_model(base)

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import AdapterError, stage, where
 from .config import read_adapter_config
-from .model_map import ModelMap, Serving
+from .model_map import ModelLayoutError, ModelMap, Serving
 from .plan import (
     ENV_FOLD_EXPERTS,
     AdapterPlan,
@@ -102,7 +102,7 @@ def _resolve(model: torch.nn.Module, paths: dict[str, str], skipped: dict[str, A
             with stage(what), where(adapter=name, file=paths[name]):
                 return step()
         except AdapterError as err:
-            if not collect:
+            if not collect or isinstance(err, ModelLayoutError):
                 raise
             skipped[name] = err
             _log_skipped(name, adapter_id, err)

@@ -36,6 +36,11 @@ _REBUILD_FIX = ("serve the model LMDeploy built from its folder without changing
                 "the adapter into the base model (`lmdeploy-regex-lora merge`) and serve the merge.")
 
 
+class ModelLayoutError(AdapterError):
+    """The served model's layout cannot be read (no checkpoint folder, a rebuild that differs): it names no
+    adapter, so ``LMDEPLOY_REGEX_LORA_ON_ERROR=skip`` does not leave an adapter out for it; the load stops."""
+
+
 class _Layers:
     """What :func:`~.plan.resolve_adapter` asks of a model: candidates, sites, naming, linearity."""
 
@@ -85,20 +90,26 @@ class ModelMap(_Layers):
         self.backbone, self.vocab = _token_embedding(self.modules)
         self._sites: dict[str, Site] = {}
         self._skeleton = None
+        self._checked = False
         self._absorbed: dict[str, list[str]] = {}
 
     # -- tracing ------------------------------------------------------------------------------------
 
-    def _skeleton_for_trace(self):
-        """A meta skeleton for tracing; the first call also checks a post-loaded one against the served model."""
+    def _fresh_skeleton(self):
+        """A meta skeleton no trace has used since its post-load hooks ran (they change parameters)."""
         if self._skeleton is None:
-            from .weight_trace import trace_post_load
-
-            checked = self._build_skeleton()
-            self._absorbed = trace_post_load(checked)
-            self._check_skeleton(checked)
             self._skeleton = self._build_skeleton()
         return self._skeleton
+
+    def _post_load_check(self, skeleton) -> None:
+        """Once, after the first trace: run LMDeploy's post-load hooks on that skeleton (what it absorbs) and
+        check it against the served model. The skeleton is spent; a later trace builds another."""
+        from .weight_trace import trace_post_load
+
+        self._absorbed = trace_post_load(skeleton)
+        self._checked = True
+        self._skeleton = None
+        self._check_skeleton(skeleton)
 
     def _build_skeleton(self):
         import copy
@@ -114,7 +125,7 @@ class ModelMap(_Layers):
             return build_patched_model(SimpleNamespace(hf_config=config, dtype=self.dtype), device=torch.device("meta"),
                                        build_model_ctx=copy.copy(build_ctx) if build_ctx is not None else None)
         except Exception as exc:
-            raise AdapterError(
+            raise ModelLayoutError(
                 f"LMDeploy cannot rebuild this model from its config on the meta device ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); the plugin runs LMDeploy's own weight loader on "
                 "that rebuild to place LoRA rows.", file=self.model_dir, fix=_REBUILD_FIX) from None
@@ -125,7 +136,7 @@ class ModelMap(_Layers):
         if served != built:
             diff = sorted(set(served.items()) ^ set(built.items()))
             sample = ", ".join(f"{n} {s}" for n, s in diff[:3])
-            raise AdapterError(
+            raise ModelLayoutError(
                 f"the served model differs from the one LMDeploy builds from its config ({len(diff)} parameters "
                 f"differ, e.g. {sample}), so where LoRA rows go cannot be read from LMDeploy's loader.",
                 file=self.model_dir, fix=_REBUILD_FIX)
@@ -145,9 +156,11 @@ class ModelMap(_Layers):
             return
         from .weight_trace import trace_weights
 
-        skeleton = self._skeleton_for_trace()
+        skeleton = self._fresh_skeleton()
         record = trace_weights(skeleton, {f"{n}.weight": self.shapes[n] for n in names})
         shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters(remove_duplicate=False)}
+        if not self._checked:
+            self._post_load_check(skeleton)
         for key, entry in record.entries.items():
             self._sites[key.removesuffix(".weight")] = self._classify(derive_site(entry, shapes), entry.name,
                                                                       entry.shape)
@@ -227,7 +240,7 @@ def _checkpoint_dir(model) -> str:
     """The folder LMDeploy loaded ``model`` from: ``load_model_weights`` is given ``config._name_or_path``."""
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not path or not os.path.isfile(os.path.join(str(path), "config.json")):
-        raise AdapterError(
+        raise ModelLayoutError(
             f"LMDeploy built this model from {path!r} (model.config._name_or_path), which is not a local model "
             "folder with a config.json here; the plugin reads that checkpoint's names to place LoRA rows.",
             file=str(path) if path else None,
@@ -247,7 +260,7 @@ def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
         loader = ModelWeightLoader(model_dir)
         paths, kind = sorted(loader._shard_paths), loader._weight_type
     except Exception as exc:
-        raise AdapterError(f"holds no checkpoint LMDeploy can read ({type(exc).__name__}: {exc}).", file=model_dir,
+        raise ModelLayoutError(f"holds no checkpoint LMDeploy can read ({type(exc).__name__}: {exc}).", file=model_dir,
                            fix="serve a complete model folder (model.safetensors, its index, or pytorch_model.bin)."
                            ) from None
     shapes: dict[str, tuple[int, ...]] = {}
