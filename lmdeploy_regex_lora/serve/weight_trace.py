@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -29,14 +30,18 @@ Span = tuple[int, int, int]
 """(dest_start, src_start, length): destination index ``dest_start + k`` holds checkpoint index ``src_start + k``."""
 
 
-def to_spans(dest: torch.Tensor, src: torch.Tensor) -> tuple[Span, ...]:
-    """Run-length encode parallel index sequences into spans where both advance by one."""
-    if dest.numel() == 0:
+def to_spans(dest, src) -> tuple[Span, ...]:
+    """Run-length encode parallel index sequences (arrays or tensors) into spans where both advance by one."""
+    dest, src = np.asarray(dest, dtype=np.int64), np.asarray(src, dtype=np.int64)
+    if dest.size == 0:
         return ()
-    brk = torch.ones(dest.numel(), dtype=torch.bool)
-    brk[1:] = (dest[1:] - dest[:-1] != 1) | (src[1:] - src[:-1] != 1)
-    starts = torch.nonzero(brk).flatten()
-    lengths = torch.diff(starts, append=torch.tensor([dest.numel()]))
+    run = np.arange(dest.size, dtype=np.int64)
+    if np.array_equal(dest - dest[0], run) and np.array_equal(src - src[0], run):  # one run: the common case
+        return ((int(dest[0]), int(src[0]), int(dest.size)),)
+    brk = np.ones(dest.size, dtype=bool)
+    brk[1:] = (np.diff(dest) != 1) | (np.diff(src) != 1)
+    starts = np.flatnonzero(brk)
+    lengths = np.diff(starts, append=dest.size)
     return tuple(zip(dest[starts].tolist(), src[starts].tolist(), lengths.tolist(), strict=True))
 
 
@@ -138,35 +143,38 @@ class _CaptureWrites(TorchFunctionMode):
 
     def _record(self, dest: torch.Tensor, src, note: str = "") -> None:
         name = self._param_of(dest)
-        key = (name, dest.storage_offset(), tuple(dest.shape), tuple(dest.stride()))
+        shape = tuple(dest.shape)
+        key = (name, dest.storage_offset(), shape, dest.stride())
         if isinstance(src, (int, float)):
             self.events.append(_Event(key, name, None, None, "constant", fill=True, pos=self.pos))
             return
-        if note or not isinstance(src, torch.Tensor) or src.device.type == "meta":
+        if note or not isinstance(src, torch.Tensor) or src.is_meta:
             return self._bad(key, name, note or "the source is not a probe")
         try:
-            src = src.expand(dest.shape)
+            src = src.expand(shape)
         except RuntimeError as exc:
-            return self._bad(key, name, f"shape mismatch {tuple(src.shape)} -> {tuple(dest.shape)}: {exc}")
-        if dest.dim() == 1:  # one row or column
-            dest, src = dest.unsqueeze(0), src.unsqueeze(0)
-        if dest.dim() != 2:
-            return self._bad(key, name, f"{dest.dim()}-D destination view")
-        if src.numel() == 0:  # this rank holds none of it (uneven TP split)
-            self.events.append(_Event(key, name, dest, (src[:, :0], src[:0], True, True), pos=self.pos))
+            return self._bad(key, name, f"shape mismatch {tuple(src.shape)} -> {shape}: {exc}")
+        if len(shape) == 1:  # one row or column
+            dest, src, shape = dest.unsqueeze(0), src.unsqueeze(0), (1, shape[0])
+        if len(shape) != 2:
+            return self._bad(key, name, f"{len(shape)}-D destination view")
+        if shape[0] == 0 or shape[1] == 0:  # this rank holds none of it (uneven TP split)
+            self.events.append(_Event(key, name, dest, (np.zeros(0), np.zeros(0), True, True), pos=self.pos))
             return
-        col0, row0 = src[:, 0].clone(), src[0, :].clone()  # clones: a view would keep a materialised probe alive
-        edge = torch.cat([col0, row0])
-        items = torch.div(edge, _SHIFT, rounding_mode="floor")
-        if bool(((edge - items * _SHIFT) < 1).any()):  # probe values are >= 1 modulo 2**25
+        if src.dtype != torch.float64:
+            src = src.double()
+        # numpy copies of the edges (a view would keep a materialised probe alive)
+        col0, row0 = src[:, 0].numpy().copy(), src[0].numpy().copy()
+        low, high = min(col0.min(), row0.min()), max(col0.max(), row0.max())
+        lo = low // _SHIFT  # every value of one probe lies in [item * 2**25 + 1, (item + 1) * 2**25)
+        if low - lo * _SHIFT < 1:  # a constant the loader made up (a zeroed padding row), not checkpoint data
             self.events.append(_Event(key, name, None, None, "constant", fill=True, pos=self.pos))
             return
-        lo, hi = int(items.min()), int(items.max())
-        if lo != hi:
+        if high // _SHIFT != lo:
             return self._bad(key, name, "values from several probes in one copy")
-        const0 = _constant_along(src, 0) if bool((col0 == col0[0]).all()) else False
-        const1 = _constant_along(src, 1) if bool((row0 == row0[0]).all()) else False
-        self.events.append(_Event(key, name, dest, (col0, row0, const0, const1), item=lo, pos=self.pos))
+        const0 = _constant_along(src, 0) if (col0 == col0[0]).all() else False
+        const1 = _constant_along(src, 1) if (row0 == row0[0]).all() else False
+        self.events.append(_Event(key, name, dest, (col0, row0, const0, const1), item=int(lo), pos=self.pos))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -221,13 +229,13 @@ def _constant_along(t: torch.Tensor, dim: int) -> bool:
     return bool(torch.equal(t, t.narrow(dim, 0, 1).expand_as(t)))
 
 
-def _unravel(param: torch.Tensor, flat: torch.Tensor) -> list[torch.Tensor]:
+def _unravel(param: torch.Tensor, flat: np.ndarray) -> list[np.ndarray]:
     """Storage positions -> index tuples of ``param`` (any non-overlapping strides)."""
     rel = flat - param.storage_offset()
     idx: list = [None] * param.dim()
     for d in sorted(range(param.dim()), key=lambda d: -param.stride(d)):
         st = param.stride(d)
-        idx[d] = torch.div(rel, st, rounding_mode="floor") if st else torch.zeros_like(rel)
+        idx[d] = rel // st if st else np.zeros_like(rel)
         rel = rel - idx[d] * st if st else rel
     return idx
 
@@ -244,24 +252,24 @@ def _decode(ev_r: _Event, ev_c: _Event, param: torch.Tensor, module: str, pname:
         hf_rows, hf_cols, row_axis = r_row0, c_col0, 1
     else:
         raise ValueError("rows and columns are mixed (reshaped across checkpoint rows?)")
-    hf_rows = hf_rows.contiguous() - ev_r.item * _SHIFT
-    hf_cols = hf_cols.contiguous() - ev_c.item * _SHIFT
+    hf_rows = hf_rows - ev_r.item * _SHIFT
+    hf_cols = hf_cols - ev_c.item * _SHIFT
     for t in (hf_rows, hf_cols):
-        if not torch.equal(t, t.long().to(t.dtype)) or bool((t < 1).any()):
+        if not (t == np.floor(t)).all() or (t < 1).any():
             raise ValueError("the probe values changed on the way (arithmetic on the weight)")
     off = dest.storage_offset()
-    pos_r = off + torch.arange(dest.size(row_axis), dtype=torch.long) * dest.stride(row_axis)
-    pos_c = off + torch.arange(dest.size(1 - row_axis), dtype=torch.long) * dest.stride(1 - row_axis)
+    pos_r = off + np.arange(dest.size(row_axis), dtype=np.int64) * dest.stride(row_axis)
+    pos_c = off + np.arange(dest.size(1 - row_axis), dtype=np.int64) * dest.stride(1 - row_axis)
     idx_r, idx_c = _unravel(param, pos_r), _unravel(param, pos_c)
-    var_r = [d for d in range(param.dim()) if bool((idx_r[d] != idx_r[d][0]).any())]
-    var_c = [d for d in range(param.dim()) if bool((idx_c[d] != idx_c[d][0]).any())]
+    var_r = [d for d in range(param.dim()) if (idx_r[d] != idx_r[d][0]).any()]
+    var_c = [d for d in range(param.dim()) if (idx_c[d] != idx_c[d][0]).any()]
     if len(var_r) > 1 or len(var_c) > 1:
         raise ValueError("a destination axis spans several parameter dims")
     col_dim = var_c[0] if var_c else param.dim() - 1
     row_dim = var_r[0] if var_r else (param.dim() - 2 if col_dim != param.dim() - 2 else param.dim() - 1)
     lead = tuple(int(idx_r[d][0]) for d in range(param.dim()) if d not in (row_dim, col_dim))
-    return Write(module, pname, kind, lead, row_dim > col_dim, to_spans(idx_r[row_dim], hf_rows.long() - 1),
-                 to_spans(idx_c[col_dim], hf_cols.long() - 1))
+    return Write(module, pname, kind, lead, row_dim > col_dim, to_spans(idx_r[row_dim], hf_rows - 1),
+                 to_spans(idx_c[col_dim], hf_cols - 1))
 
 
 def _loader_iter(model: torch.nn.Module, items, dummy: list[str]):
