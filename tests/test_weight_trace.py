@@ -138,3 +138,33 @@ def test_skeleton_that_differs_from_the_served_model_is_refused(tiny_model, tmp_
     msg = str(err.value)
     assert "differs from the one LMDeploy builds" in msg and "layers.2" in msg and " Fix: " in msg, msg
     _untouched(model, before)
+
+
+def test_tied_lm_head_takes_the_embeddings_rows(tiny_model, tmp_path, plugin_installed):
+    """With tie_word_embeddings the checkpoint has no lm_head.weight and LMDeploy's lm_head *is* the embedding's
+    parameter after loading: its site has the embedding's rows (post-load alias), served per request. (A PEFT
+    merge would change the shared embedding too, so the check is the slot against scaling * B @ A.)"""
+    import json
+    import shutil
+
+    from lmdeploy.pytorch.models import patch
+    from safetensors.torch import load_file, save_file
+
+    from lmdeploy_regex_lora.testing.compare import slot_delta
+
+    folder = tmp_path / "tied"
+    shutil.copytree(tiny_model("qwen2"), folder)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
+    adir = make_peft_adapter(folder, tmp_path / "a", seed=9, target_modules=["lm_head", "q_proj"], r=4, lora_alpha=8)
+    model = build_lmdeploy_model(folder)
+    plan = patch.add_adapters(model, {"a": str(adir)}, dtype=torch.float32, device=torch.device("cpu"))
+    head = next(m for m in plan.adapters[0].modules if m.hf_name == "lm_head")
+    assert head.serving == "lm-head", head
+    tensors = load_file(str(adir / "adapter_model.safetensors"))
+    a = tensors["base_model.model.lm_head.lora_A.weight"].double()
+    b = tensors["base_model.model.lm_head.lora_B.weight"].double()
+    assert torch.allclose(slot_delta(model.lm_head, 1), head.scaling * (b @ a), atol=1e-6)

@@ -37,6 +37,11 @@ SERVING_LABELS = {
     Serving.FOLDED: "folded into base weight (all requests)",
     Serving.NON_TOKEN: "vision/projector rows",
     Serving.PLAIN_LINEAR: "plain Linear (no LoRA slot)",
+    Serving.MOE_EXPERTS: "MoE experts (no LoRA path)",
+    Serving.ABSORBED: "absorbed by LMDeploy (never run)",
+    Serving.NO_LORA_PATH: "no LoRA path in LMDeploy",
+    Serving.NOT_LOADED: "not loaded by LMDeploy",
+    Serving.EMBEDDING: "embedding",
 }
 
 

@@ -209,8 +209,9 @@ class ModelMap(_Layers):
                            detail=f"LMDeploy builds {site.lmdeploy_module} as a plain torch.nn.Linear, which has no "
                                   "LoRA path")
         if site.kind == "moe-experts":
+            moe = type(self.modules.get(site.lmdeploy_module.rpartition(".")[0])).__name__
             return replace(site, serving=Serving.MOE_EXPERTS, lora_capable=False,
-                           detail=f"a routed expert of LMDeploy's fused MoE ({cls}), which has no LoRA path")
+                           detail=f"a routed expert of LMDeploy's fused MoE ({moe}), which has no LoRA path")
         if site.kind == "embedding":
             return replace(site, serving=Serving.EMBEDDING, lora_capable=False, detail=f"an embedding ({cls})")
         return replace(site, serving=Serving.NO_LORA_PATH, lora_capable=False,
@@ -300,12 +301,15 @@ def _token_embedding(modules: Mapping[str, object]) -> tuple[str | None, int | N
     import torch
 
     try:
-        from lmdeploy.pytorch.nn.embedding import ParallelEmbedding, ParallelLMHead
+        from lmdeploy.pytorch.nn import embedding
     except ImportError:  # older LMDeploy
-        ParallelEmbedding, ParallelLMHead = (), ()  # noqa: N806
+        embedding = None
+    # ParallelLMHead (an embedding class LMDeploy uses as DeepSeek's head) is newer than ParallelEmbedding.
+    ParallelEmbedding = getattr(embedding, "ParallelEmbedding", ())  # noqa: N806
+    ParallelLMHead = getattr(embedding, "ParallelLMHead", ())  # noqa: N806
     best: tuple[int, str] | None = None
     for name, mod in modules.items():
-        if isinstance(mod, ParallelLMHead) if ParallelLMHead else False:
+        if ParallelLMHead and isinstance(mod, ParallelLMHead):
             continue
         if isinstance(mod, torch.nn.Embedding):
             rows = int(mod.num_embeddings)
