@@ -10,9 +10,8 @@ skeleton's parameters and executes none of them; a meta view's offset and stride
 elements of which parameter were written, and the values say which checkpoint rows and columns
 arrived there. The served model is never touched.
 
-Probes are float64 broadcast ``arange`` views (no memory per element): ``row[i, j] = tag + i + 1``
-and ``col[i, j] = tag' + j + 1``, where the tag (a multiple of 2**25) numbers the probe. The
-result, :class:`Record`, is plain data.
+Probes are float64 broadcast ``arange`` views (no memory per element): ``row[i, j] = tag + i + 1`` and
+``col[i, j] = tag' + j + 1``, the tag (a multiple of 2**25) numbering the probe. :class:`Record` is plain data.
 """
 
 from __future__ import annotations
@@ -71,8 +70,7 @@ class Entry:
 
 @dataclass
 class Record:
-    entries: dict[str, Entry]
-    absorbed: dict[str, list[str]] = field(default_factory=dict)  # parameter -> parameters computed from it
+    entries: dict[str, Entry]  # by checkpoint key
 
 
 def module_kind(model: torch.nn.Module, module_name: str) -> str:
