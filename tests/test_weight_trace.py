@@ -98,46 +98,44 @@ def test_trace_only_what_the_adapter_needs(tiny_arch, tmp_path):
     assert set(load.sites) == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
 
 
-def _untouched(model, before) -> None:
+def _refused_after(change, tiny_model, tmp_path) -> str:
+    """Build Qwen2, apply ``change`` to the served model, load an adapter: refused, the model left as it was."""
+    from lmdeploy.pytorch.models import patch
+
+    base = tiny_model("qwen2")
+    adir = make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj"], r=4, lora_alpha=8)
+    model = build_lmdeploy_model(base)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    change(model)
+    with pytest.raises(AdapterError) as err:
+        patch.add_adapters(model, {"a": str(adir)}, dtype=torch.float32, device=torch.device("cpu"))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert not any(len(getattr(m, "lora_adapters", {})) for m in model.modules())
+    return str(err.value)
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_missing_checkpoint_folder_is_refused(on_error, tiny_model, tmp_path, plugin_installed, monkeypatch):
     """Names no adapter: even LMDEPLOY_REGEX_LORA_ON_ERROR=skip stops the load (it would otherwise skip all)."""
-    from lmdeploy.pytorch.models import patch
-
     monkeypatch.setenv("LMDEPLOY_REGEX_LORA_ON_ERROR", on_error)
-    base = tiny_model("qwen2")
-    adir = make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj"], r=4, lora_alpha=8)
-    model = build_lmdeploy_model(base)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.config._name_or_path = str(tmp_path / "moved-away")
-    with pytest.raises(AdapterError) as err:
-        patch.add_adapters(model, {"a": str(adir)}, dtype=torch.float32, device=torch.device("cpu"))
-    msg = str(err.value)
+
+    def move(model):
+        model.config._name_or_path = str(tmp_path / "moved-away")
+
+    msg = _refused_after(move, tiny_model, tmp_path)
     assert "moved-away" in msg and "_name_or_path" in msg and " Fix: " in msg, msg
-    _untouched(model, before)
 
 
 def test_skeleton_that_differs_from_the_served_model_is_refused(tiny_model, tmp_path, plugin_installed):
     """The rebuild from model.config must be the served model (here the config says 3 layers, the model has 2)."""
     import copy
 
-    from lmdeploy.pytorch.models import patch
+    def grow(model):
+        model.config = copy.copy(model.config)
+        model.config.num_hidden_layers = 3
 
-    base = tiny_model("qwen2")
-    adir = make_peft_adapter(base, tmp_path / "a", target_modules=["q_proj"], r=4, lora_alpha=8)
-    model = build_lmdeploy_model(base)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.config = copy.copy(model.config)
-    model.config.num_hidden_layers = 3
-    with pytest.raises(AdapterError) as err:
-        patch.add_adapters(model, {"a": str(adir)}, dtype=torch.float32, device=torch.device("cpu"))
-    msg = str(err.value)
+    msg = _refused_after(grow, tiny_model, tmp_path)
     assert "differs from the one LMDeploy builds" in msg and "layers.2" in msg and " Fix: " in msg, msg
-    _untouched(model, before)
 
 
 def test_tied_lm_head_takes_the_embeddings_rows(tiny_model, tmp_path, plugin_installed):
