@@ -30,6 +30,36 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathli
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathlib.Path]:
+    """Factory ``tiny_arch(arch) -> folder`` for issue 11's architectures (``testing/tiny_archs.py``), written once
+    per session. DeepSeek-V2/V3 folders are built by LMDeploy only under ``testing.cpu_stand_ins`` (see
+    :func:`deepseek_stand_ins`)."""
+    from lmdeploy_regex_lora.testing.tiny_archs import ARCHS as NEW_ARCHS
+    from lmdeploy_regex_lora.testing.tiny_archs import make_arch
+
+    cache: dict[str, pathlib.Path] = {}
+
+    def get(arch: str) -> pathlib.Path:
+        if arch not in NEW_ARCHS:
+            raise ValueError(f"unknown arch {arch!r}")
+        if arch not in cache:
+            cache[arch] = make_arch(arch, tmp_path_factory.mktemp(arch, numbered=True), seed=0)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def deepseek_stand_ins():
+    """LMDeploy's DeepSeek build asks CUDA two questions (testing/cpu_stand_ins.py): answered for every test, as a
+    GPU without FlashMLA and Hopper router GEMM would. Other models never reach the patched code."""
+    from lmdeploy_regex_lora.testing.cpu_stand_ins import deepseek_on_cpu
+
+    with deepseek_on_cpu():
+        yield
+
+
 @pytest.fixture
 def plugin_installed():
     """The plugin's hook in place for the test (LMDeploy's add_adapters wrapped), removed afterwards."""

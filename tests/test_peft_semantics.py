@@ -41,7 +41,8 @@ from lmdeploy_regex_lora.serve.matching import (
     pattern_rule_for,
     resolve_targets,
 )
-from lmdeploy_regex_lora.serve.model_map import ModelMap, unrename
+from lmdeploy_regex_lora.serve.model_map import ModelMap
+from lmdeploy_regex_lora.serve.plan import target_names
 from lmdeploy_regex_lora.serve.weights import read_adapter_tensors
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
 from tests.support.config_gen import HypothesisChooser, SeededChooser, gen_config, pools_for
@@ -379,9 +380,8 @@ def test_bad_pattern_regex_is_refused():
 def _resolve_saved(env: Env, folder: Path, name: str = "gen"):
     cfg = read_adapter_config(name, folder)
     tensors = read_adapter_tensors(name, folder)
-    _, rules = env.model_map.choose_scheme(name, tensors.file, list(tensors.pairs))
-    names = [unrename(site, rules) for site in env.model_map.sites]
-    return resolve_targets(cfg, names, {n: p.rank for n, p in tensors.pairs.items()}, tensors.file)
+    names, not_linear = target_names(env.model_map.naming_for(name, tensors.file, tensors.pairs), env.model_map)
+    return resolve_targets(cfg, names, {n: p.rank for n, p in tensors.pairs.items()}, tensors.file, not_linear)
 
 
 def _features(raw: dict) -> list[str]:

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lmdeploy_regex_lora.serve.slots import deinterleave_qkv_rows
 from lmdeploy_regex_lora.testing.build import build_lmdeploy_model, release_inference_tensors
 from lmdeploy_regex_lora.testing.tiny_models import (
     ARCHS,
@@ -29,6 +28,7 @@ from lmdeploy_regex_lora.testing.tiny_models import (
     checkpoint_linear_names,
     make_tiny_model,
 )
+from tests.support.hand_tables import deinterleave_qkv_rows
 from tests.support.peft_fixtures import (
     NAMINGS,
     build_hf_module_tree,

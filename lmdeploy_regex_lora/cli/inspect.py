@@ -39,6 +39,11 @@ SERVING_LABELS = {
     Serving.FOLDED: "folded into base weight (all requests)",
     Serving.NON_TOKEN: "vision/projector rows",
     Serving.PLAIN_LINEAR: "plain Linear (no LoRA slot)",
+    Serving.MOE_EXPERTS: "MoE experts (no LoRA path)",
+    Serving.ABSORBED: "absorbed by LMDeploy (never run)",
+    Serving.NO_LORA_PATH: "no LoRA path in LMDeploy",
+    Serving.NOT_LOADED: "not loaded by LMDeploy",
+    Serving.EMBEDDING: "embedding",
 }
 
 
@@ -78,14 +83,12 @@ def _module_rows_without_model(cfg, tensors) -> list[dict]:
              "lmdeploy_module": None, "slot": None, "reason": c.reason} for c in resolution.modules.values()]
 
 
-def _rows_from_plan(resolved, model_map=None, rules=None) -> list[dict]:
+def _rows_from_plan(resolved, model_map=None) -> list[dict]:
     rows = []
     for m in resolved.plan.modules:
         serving = m.serving
         if model_map is not None:  # permissive resolution of a refused adapter: show the real layer kind
-            from ..serve.model_map import rename
-
-            serving = model_map.sites[rename(m.hf_name, rules)].serving
+            serving = model_map.site(resolved.naming.to_checkpoint[m.hf_name]).serving
         rows.append({"name": m.hf_name, "rank": m.rank, "alpha": m.alpha, "scaling": m.scaling, "serving": serving,
                      "lmdeploy_module": m.lmdeploy_module, "slot": m.slot, "reason": m.reason})
     return rows
@@ -132,8 +135,8 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
         from ..serve.plan import build_slots
 
         report["slots"] = [asdict(s) for s in build_slots(resolved_ok, model_map)]
-    # With LMDEPLOY_REGEX_LORA_FOLD_VISION=1, layers folded into the base weight serve every request: two adapters
-    # may share one only with equal deltas, which serving checks by value (inspect has none).
+    # Layers folded into the base weight serve every request: two adapters may share one only with equal
+    # deltas, which serving checks by value (inspect has none).
     folders: dict[str, list[str]] = {}
     for a in report["adapters"]:
         if a["status"] == "ok":
@@ -144,25 +147,32 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
     return report
 
 
-def servable_everywhere(model_map):
-    """A copy of ``model_map`` in which every linear takes LoRA per request.
+class servable_everywhere:  # noqa: N801  (used like a function)
+    """``model_map`` as if every linear took LoRA per request.
 
     ``inspect`` uses it to still list the modules of an adapter that serving refuses only for where its
-    layers are (the vision tower or projector of a VLM without a verified image-row rule): everything else
-    the plan checks (naming, targets against tensors, ranks, shapes) stays as strict as serving.
+    layers are (MoE experts, a layer without a LoRA path): everything else the plan checks (naming,
+    targets against tensors, ranks, shapes) stays as strict as serving.
     """
-    import copy
-    from dataclasses import replace
 
-    permissive = copy.copy(model_map)
-    permissive.sites = {name: replace(site, serving=Serving.PER_REQUEST, lora_capable=True)
-                        for name, site in model_map.sites.items()}
-    return permissive
+    def __init__(self, model_map) -> None:
+        self._map = model_map
+
+    def __getattr__(self, name: str):
+        return getattr(self._map, name)
+
+    def sites_for(self, names):
+        from dataclasses import replace
+
+        return {n: replace(s, serving=Serving.PER_REQUEST, lora_capable=True)
+                for n, s in self._map.sites_for(names).items()}
+
+    def site(self, name: str):
+        return self.sites_for([name])[name]
 
 
 def _resolve(entry: dict, cfg, tensors, adapter_id: int, model_map):
     """Fill ``entry`` from the serving plan; on refusal, still list the modules (from a permissive map)."""
-    from ..serve.model_map import NAMING_SCHEMES
     from ..serve.plan import resolve_adapter
     from ..serve.weights import AdapterTensors
 
@@ -180,9 +190,8 @@ def _resolve(entry: dict, cfg, tensors, adapter_id: int, model_map):
             except AdapterError:
                 pass
             return None
-        rules = dict(NAMING_SCHEMES)[loose.plan.naming]
         entry["naming"] = loose.plan.naming
-        entry["modules"] = _rows_from_plan(loose, model_map, rules)
+        entry["modules"] = _rows_from_plan(loose, model_map)
         return None
     entry["naming"] = ra.plan.naming
     entry["modules"] = _rows_from_plan(ra)

@@ -88,11 +88,9 @@ _LM_HEAD_LEAVES = ("lm_head", "output")
 
 def _ties_lm_head(base: str) -> bool | None:
     """``tie_word_embeddings`` from config.json (top level, or a VLM's text/LLM config); None when unset."""
-    try:
-        with open(os.path.join(base, "config.json"), encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (OSError, ValueError):
-        return None
+    from ..serve.naming import model_config
+
+    cfg = model_config(base)
     for section in (cfg, cfg.get("text_config"), cfg.get("llm_config")):
         if isinstance(section, dict) and isinstance(section.get("tie_word_embeddings"), bool):
             return section["tie_word_embeddings"]
@@ -102,7 +100,7 @@ def _ties_lm_head(base: str) -> bool | None:
 def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
     """Resolve the adapter on the checkpoint's own weights (headers only) and map it onto checkpoint keys."""
     from ..serve.config import read_adapter_config
-    from ..serve.model_map import NAMING_SCHEMES, CheckpointMap
+    from ..serve.model_map import CheckpointMap
     from ..serve.plan import resolve_adapter
     from ..serve.weights import AdapterTensors, read_adapter_specs, read_adapter_tensors
 
@@ -115,12 +113,12 @@ def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
     tensors = read_adapter_specs(name, adapter_path) or read_adapter_tensors(name, adapter_path)
     headers = {s: read_shard_header(os.path.join(base, s)) for s in shards}
     where = {key: s for s, h in headers.items() for key in h.entries}
-    model_map = CheckpointMap.from_shapes({key: e.shape for h in headers.values() for key, e in h.entries.items()})
+    model_map = CheckpointMap.from_shapes({key: e.shape for h in headers.values() for key, e in h.entries.items()},
+                                          model_dir=base)
     _refuse_tied_lm_head(base, name, tensors.pairs, model_map)
     bare = AdapterTensors(file=tensors.file, pairs=tensors.pairs, base_copies={})
     # Every check of the adapter's content (naming, targets against tensors, ranks, shapes) is serving's.
     resolved = resolve_adapter(cfg, bare, 1, model_map)
-    rules = dict(NAMING_SCHEMES)[resolved.plan.naming]
 
     targets: dict[str, MergeTarget] = {}
     pairs = {}
@@ -136,7 +134,7 @@ def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
             _check_readable(tensors.file, half, name, m.hf_name, half_key)  # refused before anything is written
         targets[key] = MergeTarget(key, m.hf_name, where[key], m.rank, m.alpha, m.scaling)
         pairs[key] = pair
-    _check_base_copies(name, tensors, rules, headers, where)
+    _check_base_copies(name, tensors, resolved.naming, headers, where)
     return MergePlan(base=base, adapter=name, adapter_path=os.path.abspath(adapter_path), weights_file=tensors.file,
                      naming=resolved.plan.naming, shards=shards, index=index, targets=targets, headers=headers,
                      pairs=pairs)
@@ -144,20 +142,20 @@ def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
 
 def _refuse_tied_lm_head(base: str, name: str, pairs: dict, model_map) -> None:
     """LoRA on an LM head that shares the embedding's weight cannot be merged without changing the embedding."""
-    from ..serve.model_map import NAMING_SCHEMES, rename
-
     tied = _ties_lm_head(base)
     for module in pairs:
-        if module.rsplit(".", 1)[-1] not in _LM_HEAD_LEAVES:
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf not in _LM_HEAD_LEAVES:
             continue
-        present = any(rename(module, rules) in model_map.sites for _, rules in NAMING_SCHEMES)
+        # A head of its own is a checkpoint weight of that leaf name, whichever transformers named the adapter.
+        present = any(c.rsplit(".", 1)[-1] == leaf for c in model_map.candidates)
         if tied or (not present and tied is None):
             raise AdapterError("the LM head shares its weight with the input embedding (tie_word_embeddings), "
                                "so merging a LoRA on it would change the embedding too.", adapter=name, file=base,
                                module=module, fix="serve this adapter unmerged with the plugin.")
 
 
-def _check_base_copies(name: str, tensors, rules: tuple, headers: dict[str, Header], where: dict[str, str]) -> None:
+def _check_base_copies(name: str, tensors, naming, headers: dict[str, Header], where: dict[str, str]) -> None:
     """Full weights saved beside the LoRA tensors must equal the checkpoint's (else the adapter changed them)."""
     from ..serve.plan import check_base_copies
 
@@ -172,7 +170,7 @@ def _check_base_copies(name: str, tensors, rules: tuple, headers: dict[str, Head
         base_bytes = read_range(headers[where[key]].file, entry.offset, entry.nbytes, what=SHARD)
         return rounding.encode(entry.dtype, array.ravel()).tobytes() == base_bytes
 
-    check_base_copies(name, tensors, rules, same, against="the base checkpoint's",
+    check_base_copies(name, tensors, naming, same, against="the base checkpoint's",
                       consequence="a LoRA merge would drop it",
                       fix="merge with PEFT on the transformers model (merge_and_unload), which applies it.")
 

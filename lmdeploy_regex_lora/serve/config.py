@@ -110,9 +110,18 @@ class AdapterConfig:
         """PEFT's per-module scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
+    @property
+    def all_linear(self) -> bool:
+        """PEFT's ``target_modules="all-linear"`` shorthand (compared case-insensitively, as PEFT does)."""
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+
     def describe_targets(self) -> str:
         t = self.target_modules
         return repr(t) if isinstance(t, str) else "[" + ", ".join(t or ()) + "]"
+
+
+#: PEFT's shorthand for every linear layer but the output layer (peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND).
+ALL_LINEAR = "all-linear"
 
 
 def _str_or_list(bad: Blame, key: str, value: Any) -> str | tuple[str, ...] | None:

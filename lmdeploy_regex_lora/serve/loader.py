@@ -33,8 +33,18 @@ import torch
 
 from ..errors import AdapterError, stage, where
 from .config import read_adapter_config
-from .model_map import ModelMap
-from .plan import AdapterPlan, LoadPlan, ResolvedAdapter, ResolvedLoad, build_folds, build_slots, resolve_adapter
+from .model_map import ModelLayoutError, ModelMap, Serving
+from .plan import (
+    ENV_FOLD_EXPERTS,
+    AdapterPlan,
+    LoadPlan,
+    ResolvedAdapter,
+    ResolvedLoad,
+    build_folds,
+    build_slots,
+    resolve_adapter,
+)
+from .sites import served_rows
 from .slots import install_slots
 from .vision_policy import ENV_FOLD_VISION, fold_vision
 from .weights import read_adapter_tensors
@@ -84,30 +94,64 @@ def _skipped_placeholder(name: str, adapter_id: int, path: str, err: AdapterErro
 
 
 def _resolve(model: torch.nn.Module, paths: dict[str, str], skipped: dict[str, AdapterError],
-             collect: bool, check_values: bool = True) -> ResolvedLoad:
-    """``check_values=False`` when the caller installs the slots, which checks NaN/Inf on the filled slots."""
-    model_map = ModelMap(model)
-    resolved: list[ResolvedAdapter] = []
-    for adapter_id, name in enumerate(sorted(paths), start=1):
-        path = paths[name]
+             collect: bool, check_values: bool = True, dtype: torch.dtype | None = None) -> ResolvedLoad:
+    """``check_values=False`` when the caller installs the slots, which checks NaN/Inf on the filled slots.
+
+    Every adapter is read before the model's layout is traced, so a bad adapter is reported as such first.
+    """
+    def attempt(name: str, adapter_id: int, what: str, step) -> object:
+        try:
+            with stage(what), where(adapter=name, file=paths[name]):
+                return step()
+        except AdapterError as err:
+            if not collect or isinstance(err, ModelLayoutError):
+                raise
+            skipped[name] = err
+            _log_skipped(name, adapter_id, err)
+            return None
+
+    ids = {name: i for i, name in enumerate(sorted(paths), start=1)}
+    read: dict[str, tuple] = {}
+    for name, adapter_id in ids.items():
         if name not in skipped:
-            try:
-                with stage("reading and matching the adapter"), where(adapter=name, file=path):
-                    cfg = read_adapter_config(name, path)
-                    tensors = read_adapter_tensors(name, path, check_values=check_values)
-                    resolved.append(resolve_adapter(cfg, tensors, adapter_id, model_map))
-                continue
-            except AdapterError as err:
-                if not collect:
-                    raise
-                skipped[name] = err
-                _log_skipped(name, adapter_id, err)
-        resolved.append(_skipped_placeholder(name, adapter_id, path, skipped[name]))
+            got = attempt(name, adapter_id, "reading the adapter", lambda n=name: (
+                read_adapter_config(n, paths[n]), read_adapter_tensors(n, paths[n], check_values=check_values)))
+            if got is not None:
+                read[name] = got
+    with stage("reading where LMDeploy's loader puts the checkpoint's rows"):
+        model_map = ModelMap(model, dtype)
+    resolved: list[ResolvedAdapter] = []
+    for name, adapter_id in ids.items():
+        ra = None
+        if name in read:
+            ra = attempt(name, adapter_id, "matching the adapter",
+                         lambda n=name, i=adapter_id: resolve_adapter(*read[n], i, model_map))
+        resolved.append(ra or _skipped_placeholder(name, adapter_id, paths[name], skipped[name]))
     with stage("planning the LoRA slots"):
         slots = build_slots(resolved, model_map)
         folds = build_folds(resolved, model_map)
     plan = LoadPlan(adapters=[r.plan for r in resolved], slots=slots, folds=folds)
-    return ResolvedLoad(plan=plan, adapters=resolved, sites=model_map.sites)
+    used = {site for r in resolved for site in r.by_site}
+    return ResolvedLoad(plan=plan, adapters=resolved, sites=model_map.sites_for(sorted(used)))
+
+
+def _warn_folds(plan: LoadPlan) -> None:
+    """One warning per kind of fold: every request (other adapters and the base model included) sees a fold."""
+    experts = [f for f in plan.folds if f.serving == Serving.MOE_EXPERTS]
+    for folds, what, why in (
+            ([f for f in plan.folds if f not in experts], "vision/projector layers",
+             f"{ENV_FOLD_VISION}=1 asked for it; without it they are served per request"),
+            (experts, "routed MoE experts", f"{ENV_FOLD_EXPERTS}=1 asked for it; LMDeploy's fused MoE has no LoRA "
+                                            "path")):
+        if not folds:
+            continue
+        counts: dict[str, int] = {}
+        for f in folds:
+            counts[f.adapter] = counts.get(f.adapter, 0) + 1
+        logger.warning(
+            "LoRA on %s is folded into the base weights, so EVERY request (other adapters and the base model "
+            "included) sees it: %s. %s; the plan lists the layers.", what,
+            ", ".join(f"adapter {a!r}: {n} layer(s)" for a, n in sorted(counts.items())), why)
 
 
 def resolve(model: torch.nn.Module, adapters: Mapping[str, str | os.PathLike]) -> ResolvedLoad:
@@ -126,14 +170,14 @@ def _log_skipped(name: str, adapter_id: int, err: AdapterError) -> None:
 class _Snapshot:
     """What this call may change on LMDeploy's objects, to put back after any failure."""
 
-    def __init__(self, model: torch.nn.Module, plan: LoadPlan) -> None:
+    def __init__(self, model: torch.nn.Module, load: ResolvedLoad) -> None:
         modules = dict(model.named_modules())
         self.slots = {name: dict(mod.lora_adapters) for name, mod in modules.items()
                       if isinstance(getattr(mod, "lora_adapters", None), torch.nn.ModuleDict)}
-        self.weights = {}
-        for fold in plan.folds:
-            weight = modules[fold.lmdeploy_module].weight
-            self.weights[fold.lmdeploy_module] = (weight, weight.detach().clone())
+        self.weights = {}  # only the rows a fold changes (one expert of a fused MoE parameter, ...)
+        for fold in load.plan.folds:
+            region = served_rows(modules, load.sites[fold.hf_name])
+            self.weights[fold.hf_name] = (region, region.detach().clone())
         # Plain nn.Linear layers on image rows get a wrapper when their slots are attached (vision.py).
         self.plain = {name: mod for name, mod in modules.items() if type(mod) is torch.nn.Linear}
         self.ctx_mgr = getattr(model, "ctx_mgr", None)
@@ -153,9 +197,9 @@ class _Snapshot:
             for key, lora in before.items():
                 if key not in current:
                     current[key] = lora
-        for weight, old in self.weights.values():
-            if not torch.equal(weight, old):
-                weight.data.copy_(old)
+        for region, old in self.weights.values():
+            if not torch.equal(region, old):
+                region.copy_(old)
         if self.ctx_attrs is not None:
             attrs = vars(self.ctx_mgr)
             for key in [k for k in attrs if k not in self.ctx_attrs]:
@@ -164,7 +208,7 @@ class _Snapshot:
 
 
 def _install(model: torch.nn.Module, load: ResolvedLoad, dtype: torch.dtype, device: torch.device) -> None:
-    snapshot = _Snapshot(model, load.plan)
+    snapshot = _Snapshot(model, load)
     try:
         with stage("filling the LoRA slots"):
             install_slots(model, load, dtype=dtype, device=device)
@@ -193,7 +237,7 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
     ids = {name: i for i, name in enumerate(sorted(paths), start=1)}
     while True:
         try:
-            load = _resolve(model, paths, skipped, collect=skip, check_values=False)
+            load = _resolve(model, paths, skipped, collect=skip, check_values=False, dtype=dtype)
             _install(model, load, dtype, torch.device(device))
             break
         except AdapterError as err:
@@ -203,15 +247,7 @@ def add_adapters(model: torch.nn.Module, adapters: Mapping[str, str] | None, dty
             skipped[err.adapter] = err
             _log_skipped(err.adapter, ids[err.adapter], err)
     plan = load.plan
-    if plan.folds:
-        counts: dict[str, int] = {}
-        for f in plan.folds:
-            counts[f.adapter] = counts.get(f.adapter, 0) + 1
-        logger.warning(
-            "LoRA on vision/projector layers is folded into the base weights, as %s=1 asks, so EVERY request "
-            "(other adapters and the base model included) sees it: %s. The plan lists the layers; without %s "
-            "they are served per request.", ENV_FOLD_VISION,
-            ", ".join(f"adapter {a!r}: {n} layer(s)" for a, n in sorted(counts.items())), ENV_FOLD_VISION)
+    _warn_folds(plan)
     served = len(plan.adapters) - len(skipped)  # the skipped ones keep a placeholder (their id)
     logger.info("loaded %d adapter(s) into %d LoRA slots in %.2f s%s:\n%s", served, len(plan.slots),
                 time.perf_counter() - start, f" ({len(skipped)} skipped: {', '.join(sorted(skipped))})"

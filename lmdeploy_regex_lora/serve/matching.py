@@ -5,7 +5,8 @@ to 0.21 (read from each release's source; tests run them against these functions
 
 * ``exclude_modules`` first (PEFT >= 0.14): a string is ``re.fullmatch``-ed, a list entry matches the
   name exactly or as a ``.``-suffix.
-* ``target_modules`` as a string: ``re.fullmatch`` on the full name (unchanged since PEFT 0.10).
+* ``target_modules`` as a string: ``re.fullmatch`` on the full name (unchanged since PEFT 0.10); the string
+  ``all-linear`` (any case) is PEFT's shorthand, expanded as PEFT 0.14 expands it (:func:`all_linear_leaves`).
 * ``target_modules`` as a list: exact name, else ``.``-suffix; only in that suffix branch are
   ``layers_to_transform`` / ``layers_pattern`` applied (an exact full name bypasses them, as in PEFT).
 * The layer index is read from the name with a regex that changed twice (:data:`LAYER_RULES`):
@@ -23,26 +24,26 @@ to 0.21 (read from each release's source; tests run them against these functions
   sorts the JSON keys, so where keys overlap the trained model (dict order at training time) and PEFT's
   own reload of it can differ; only the reload is recorded anywhere.
 
-Regexes run on the ``regex`` package with a deadline, so a pattern built for catastrophic
-backtracking gives up instead of hanging the server.
+Regexes run on the ``regex`` package with a deadline (:mod:`.safe_regex`), so a pattern built for
+catastrophic backtracking gives up instead of hanging the server.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import regex
 
 from ..errors import AdapterError, Blame, describe_names
 from .config import AdapterConfig
+from .safe_regex import MAX_EXPANDED_REGEX, REGEX_BUDGET_S, Deadline, RegexField, expanded_size
+
+__all__ = ["MAX_EXPANDED_REGEX", "REGEX_BUDGET_S", "RegexField", "expanded_size", "TargetMatcher", "PatternKeys",
+           "resolve_targets", "all_linear_leaves", "layer_index", "layer_rules_for", "pattern_rule_for"]
 
 logger = logging.getLogger("lmdeploy.regex_lora")
-
-#: Seconds of regex matching allowed per adapter field, over all module names together.
-REGEX_BUDGET_S = 2.0
 
 #: Layer-index rules, oldest first, and the PEFT releases that use each.
 LAYER_RULES = ("greedy", "lazy", "lazy-start")
@@ -88,104 +89,6 @@ class Match:
     reason: str
 
 
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return max(self.end - time.monotonic(), 1e-3)
-
-
-#: Upper bound on a regex's size once counted repeats are expanded. Compiling expands them (the
-#: ``regex`` package and ``re`` alike), and no matching deadline applies before the pattern exists:
-#: ``((model{1000}){1000}){1000}`` would compile for minutes. 10**6 compiles in about 0.3 s here.
-MAX_EXPANDED_REGEX = 10**6
-
-
-def expanded_size(pattern: str) -> int:
-    """Size of ``pattern`` with counted repeats unrolled, from Python's own ``re`` parser (what PEFT uses).
-
-    Parsing is linear in the pattern's length; raises ``re.error`` for what ``re`` (and so PEFT) rejects.
-    """
-    import re._parser as sre_parse  # the parser behind re.compile: no expansion, no code generation
-    from re._constants import MAXREPEAT
-
-    def size(items) -> int:
-        total = 0
-        for op, arg in items:
-            name = str(op)
-            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-                low, high, sub = arg
-                total += max(1, high if high != MAXREPEAT else low) * size(sub)
-            elif name == "SUBPATTERN":
-                total += size(arg[-1])
-            elif name == "BRANCH":
-                total += sum(size(branch) for branch in arg[1])
-            elif name in ("ASSERT", "ASSERT_NOT"):
-                total += size(arg[1])
-            elif name == "ATOMIC_GROUP":
-                total += size(arg)
-            elif name == "GROUPREF_EXISTS":
-                total += sum(size(branch) for branch in arg[1:] if branch)
-            else:
-                total += 1
-            if total > MAX_EXPANDED_REGEX:
-                return total  # no need to count further
-        return total
-
-    return size(sre_parse.parse(pattern))
-
-
-def _compile(blame: Blame, field: str, pattern: str, what: str = "the regex") -> regex.Pattern:
-    import re
-
-    try:
-        expanded = expanded_size(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise blame(f"{what} {pattern!r} does not compile as a Python regex ({exc}); PEFT matches with `re`, so no "
-                    "PEFT release could have trained with it.", "write a Python `re`-compatible regex, as PEFT "
-                    "expects.", field=field) from None
-    if expanded > MAX_EXPANDED_REGEX:
-        raise blame(f"{what} {pattern!r} expands to more than {MAX_EXPANDED_REGEX:,} elements once its counted "
-                    "repeats are unrolled; compiling it would stall the server.", _SIMPLER, field=field)
-    try:
-        return regex.compile(pattern, flags=regex.VERSION0)
-    except regex.error as exc:
-        raise blame(f"{what} {pattern!r} does not compile ({exc}).",
-                    "write a Python `re`-compatible regex, as PEFT expects.", field=field) from None
-
-
-_SIMPLER = "simplify the regex, e.g. swift's form ^(prefix.*\\.(leaf|leaf))$."
-
-
-class RegexField:
-    """One regex of a config field: compiled once (size-checked), matched under a deadline.
-
-    Every regex PEFT would run (targets, exclusions, layer indices, rank/alpha keys) goes through here, so
-    a pattern built for catastrophic backtracking gives up with the field's name instead of hanging.
-    """
-
-    def __init__(self, blame: Blame, field: str, pattern: str, *, what: str = "the regex",
-                 deadline: _Deadline | None = None, label: str | None = None) -> None:
-        self.blame, self.field, self.pattern = blame, field, pattern
-        self.label = pattern if label is None else label  # what the timeout message quotes
-        self.compiled = _compile(blame, field, pattern, what)
-        self.deadline = deadline or _Deadline(REGEX_BUDGET_S)
-
-    def _run(self, method, name: str):
-        try:
-            return method(name, timeout=self.deadline.left())
-        except TimeoutError:
-            raise self.blame(f"the regex {self.label!r} took longer than {REGEX_BUDGET_S:g} s to match the model's "
-                             "module names (catastrophic backtracking).", _SIMPLER, field=self.field) from None
-
-    def fullmatch(self, name: str) -> bool:
-        return self._run(self.compiled.fullmatch, name) is not None
-
-    def match(self, name: str) -> regex.Match | None:
-        return self._run(self.compiled.match, name)
-
-
 def _blame(cfg: AdapterConfig) -> Blame:
     return Blame(cfg.name, cfg.config_file)
 
@@ -208,7 +111,7 @@ def _layer_regexes(layers_pattern: tuple[str, ...] | None, rule: str) -> list[st
 
 
 def _layer_fields(blame: Blame, layers_pattern: tuple[str, ...] | None, rule: str,
-                  deadline: _Deadline | None = None) -> list[RegexField]:
+                  deadline: Deadline | None = None) -> list[RegexField]:
     return [RegexField(blame, "layers_pattern", p, what="the layer regex built from layers_pattern", deadline=deadline)
             for p in _layer_regexes(layers_pattern, rule)]
 
@@ -229,14 +132,16 @@ def layer_index(name: str, layers_pattern: tuple[str, ...] | None, rule: str) ->
 class TargetMatcher:
     """Decides, per module name, whether one adapter targets it (PEFT's ``check_target_module_exists``)."""
 
-    def __init__(self, cfg: AdapterConfig, layer_rule: str = "greedy") -> None:
+    def __init__(self, cfg: AdapterConfig, layer_rule: str = "greedy",
+                 all_linear_leaves: frozenset[str] | None = None) -> None:
         if layer_rule not in LAYER_RULES:
             raise ValueError(f"layer_rule must be one of {LAYER_RULES}, got {layer_rule!r}")
         self.cfg = cfg
         self.layer_rule = layer_rule
         blame = _blame(cfg)
+        self._all_linear = all_linear_leaves if cfg.all_linear else None
         self._target_re = RegexField(blame, "target_modules", cfg.target_modules) \
-            if isinstance(cfg.target_modules, str) else None
+            if isinstance(cfg.target_modules, str) and not cfg.all_linear else None
         self._exclude_re = RegexField(blame, "exclude_modules", cfg.exclude_modules) \
             if isinstance(cfg.exclude_modules, str) and cfg.exclude_modules else None
         self._layer_fields = [] if cfg.layers_to_transform is None else _layer_fields(blame, cfg.layers_pattern,
@@ -252,6 +157,10 @@ class TargetMatcher:
                 hit = _list_hit(cfg.exclude_modules, name)
                 if hit:
                     return Match(False, f"excluded: exclude_modules {hit}")
+        if self._all_linear is not None:  # PEFT turns the shorthand into a set of leaf names (see all_linear_leaves)
+            if name.rsplit(".", 1)[-1] in self._all_linear:
+                return Match(True, "target_modules 'all-linear'")
+            return Match(False, "all-linear leaves out the output layer")
         if self._target_re is not None:
             if self._target_re.fullmatch(name):
                 return Match(True, "target_modules regex fullmatch")
@@ -280,7 +189,7 @@ class PatternKeys:
     def __init__(self, cfg: AdapterConfig) -> None:
         self.cfg = cfg
         self._fields: dict[tuple[str, str, str], RegexField] = {}
-        self._deadline = _Deadline(REGEX_BUDGET_S)
+        self._deadline = Deadline(REGEX_BUDGET_S)
         # Compile every key under both regex forms now, so a bad key is refused whatever the rule.
         for field, keys in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
             for key in keys:
@@ -361,13 +270,37 @@ class Resolution:
     modules: dict[str, ModuleChoice]
 
 
-def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights_file: str
+def all_linear_leaves(names: Iterable[str], output_layer: str | None) -> frozenset[str]:
+    """What PEFT 0.14 (``tuners_utils._maybe_include_all_linear_layers``) makes of ``"all-linear"``: the leaf
+    names of every linear layer, minus the output layer's *full* name. Only an output layer at the top of the
+    model (``lm_head``) is left out; a VLM's ``language_model.lm_head`` keeps its leaf, so it is targeted."""
+    return frozenset(n.rsplit(".", 1)[-1] for n in names) - ({output_layer} if output_layer else set())
+
+
+def _drop_non_linear(cfg: AdapterConfig, names: list[str], trained: set[str], rules: tuple[str, ...],
+                     not_linear: Callable[[set[str]], set[str]] | None, output_layer: str | None) -> list[str]:
+    """Names are a model's candidate layers; those a rule selects without tensors are asked about once more
+    (``not_linear``): an embedding or a router that is a bare parameter is no linear layer, so no target."""
+    for _ in range(3) if not_linear is not None else ():
+        leaves = all_linear_leaves(names, output_layer) if cfg.all_linear else None
+        untrained = {n for rule in rules for n in names if n not in trained
+                     and TargetMatcher(cfg, rule, leaves).match(n).targeted}
+        dropped = not_linear(untrained) if untrained else set()
+        if not dropped:
+            break
+        names = [n for n in names if n not in dropped]
+    return names
+
+
+def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights_file: str,
+            not_linear: Callable[[set[str]], set[str]] | None = None, output_layer: str | None = None
             ) -> tuple[str | None, dict[str, Match], set[str]]:
-    names = list(names)
     rules = layer_rules_for(cfg) if cfg.layers_to_transform is not None else ("greedy",)
+    names = _drop_non_linear(cfg, list(names), trained, rules, not_linear, output_layer)
+    leaves = all_linear_leaves(names, output_layer) if cfg.all_linear else None
     attempts = []
     for rule in rules:
-        matcher = TargetMatcher(cfg, rule)
+        matcher = TargetMatcher(cfg, rule, leaves)
         verdicts = {n: matcher.match(n) for n in names}
         selected = {n for n, v in verdicts.items() if v.targeted}
         attempts.append((rule, verdicts, selected))
@@ -402,14 +335,15 @@ def _select(cfg: AdapterConfig, names: Iterable[str], trained: set[str], weights
 
 
 def resolve_targets(cfg: AdapterConfig, names: Iterable[str], trained_ranks: Mapping[str, int],
-                    weights_file: str) -> Resolution:
+                    weights_file: str, not_linear: Callable[[set[str]], set[str]] | None = None,
+                    output_layer: str | None = None) -> Resolution:
     """Match ``cfg`` against the model's linear ``names`` and check it against the tensors' ranks.
 
     The config must select exactly the modules the adapter has tensors for, under some PEFT layer
     rule, and give each the rank of its tensors under some PEFT rank/alpha rule; anything else is
     an :class:`AdapterError` (the config and weights disagree, so what was trained is unknown).
     """
-    layer_rule, verdicts, selected = _select(cfg, names, set(trained_ranks), weights_file)
+    layer_rule, verdicts, selected = _select(cfg, names, set(trained_ranks), weights_file, not_linear, output_layer)
     keys = PatternKeys(cfg)
     preferred = pattern_rule_for(cfg)
     ordered = [preferred] + [r for r in reversed(PATTERN_RULES) if r != preferred]

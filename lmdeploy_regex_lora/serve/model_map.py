@@ -1,286 +1,379 @@
-"""Mapping Hugging Face module names to LMDeploy's modules.
+"""Every checkpoint linear layer of the served model as a :class:`~.sites.Site`, read from LMDeploy's own loader.
 
-LMDeploy builds its own module tree: it packs ``q/k/v_proj`` into ``qkv_proj`` and ``gate/up_proj``
-(InternLM2: ``w1/w3``) into ``gate_up_proj``, keeps InternLM2's ``wqkv`` but de-interleaves its rows,
-and otherwise keeps the checkpoint's names. This module walks that tree once and lists every linear
-layer the Hugging Face model had (a :class:`Site`), with where its LoRA slot would go and whether
-LMDeploy can serve LoRA on it per request. Names an adapter was trained under with newer
-transformers (``model.language_model.*``) are translated by :data:`NAMING_SCHEMES`.
+LMDeploy loads the checkpoint it was given (``model.config._name_or_path``) with its model class's
+``load_weights``, which renames, packs, splits and cuts the checkpoint's weights. :class:`ModelMap`
+runs that same loader on a ``meta`` skeleton of the served model (rebuilt from ``model.config``, the
+``add_adapters`` dtype and ``model.ctx_mgr.build_ctx``, in the caller's tensor-parallel context) and
+records where each checkpoint row and column lands (:mod:`.weight_trace`). Only the weights an
+adapter needs are traced, when it first needs them. The skeleton must equal the served model
+(names and shapes after LMDeploy's post-load hooks), else the load is refused.
+
+:class:`CheckpointMap` offers the same to ``merge`` from a checkpoint's headers (no torch, no LMDeploy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from enum import Enum
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError
+from .naming import Naming, choose_naming
+from .sites import (
+    FOLDED,
+    IMAGE_ROWS,
+    LM_HEAD,
+    NON_TOKEN,
+    PER_REQUEST,
+    PLAIN_LINEAR,
+    Serving,
+    Site,
+    derive_site,
+    served_rows,
+)
 
 if TYPE_CHECKING:  # only ModelMap needs torch; CheckpointMap (merge) must not import it
     import torch
 
+__all__ = ["FOLDED", "IMAGE_ROWS", "LM_HEAD", "NON_TOKEN", "PER_REQUEST", "PLAIN_LINEAR", "Serving", "Site",
+           "ModelMap", "CheckpointMap", "LINEAR_KINDS"]
 
-class Serving(str, Enum):
-    """How a linear layer takes LoRA. A ``str`` enum: plans and JSON keep the plain names."""
-
-    PER_REQUEST = "per-request"  # a LoRA slot on token rows: each sequence's own adapter
-    LM_HEAD = "lm-head"  # a slot that maps logits rows to sequences itself (lm_head.RowLoRA)
-    NON_TOKEN = "non-token-rows"  # a layer on vision/projector rows (a site's kind, not a way to serve)
-    PLAIN_LINEAR = "plain-linear"  # a torch.nn.Linear: LMDeploy has no LoRA slot on it
-    #: A slot on vision/projector rows: each image's rows use its sequence's adapter (vision.ImageRowLoRA).
-    IMAGE_ROWS = "per-request-image"
-    #: Only with LMDEPLOY_REGEX_LORA_FOLD_VISION=1: the delta is folded into the base weight at load time,
-    #: so every request sees it (plan.build_folds).
-    FOLDED = "folded"
-
-    def __str__(self) -> str:
-        return self.value
+#: Destination kinds that are linear layers in the Hugging Face model (module_kind of weight_trace).
+LINEAR_KINDS = ("lora-linear", "plain-linear", "moe-experts")
+_EXPERT = re.compile(r".*\.experts\.\d+\..*")
+_REBUILD_FIX = ("serve the model LMDeploy built from its folder without changing it afterwards; if it was, merge "
+                "the adapter into the base model (`lmdeploy-regex-lora merge`) and serve the merge.")
 
 
-PER_REQUEST, LM_HEAD, NON_TOKEN, PLAIN_LINEAR, IMAGE_ROWS, FOLDED = (
-    Serving.PER_REQUEST, Serving.LM_HEAD, Serving.NON_TOKEN, Serving.PLAIN_LINEAR, Serving.IMAGE_ROWS, Serving.FOLDED)
-
-# Model classes (LMDeploy's) whose fused ``wqkv`` stores rows interleaved per KV head in the
-# checkpoint: (kv_head, q_per_kv + 2, head_dim). LMDeploy's own LoRA loader for InternLM2 reorders
-# lora_B the same way it reorders the base weight.
-_INTERLEAVED_QKV_CLASSES = {"InternLM2ForCausalLM", "InternLM2ForRewardModel"}
-
-#: Prefix rewrites from the names an adapter may carry to the checkpoint names LMDeploy uses,
-#: tried in order; the first under which every tensor of the adapter lands wins.
-NAMING_SCHEMES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    ("checkpoint names", ()),
-    ("transformers>=4.52 names (model.language_model.*, wrapper style)", (
-        ("model.language_model.", "language_model.model."),
-        ("model.vision_tower.", "vision_tower."),
-        ("model.vision_model.", "vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("lm_head", "language_model.lm_head"),
-    )),
-    # transformers 5 dropped CLIPVisionModel's `vision_model` level: LLaVA's tower is `model.vision_tower.encoder.*`.
-    ("transformers>=5 names (model.language_model.*, LLaVA CLIP tower without vision_model)", (
-        ("model.language_model.", "language_model.model."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("lm_head", "language_model.lm_head"),
-    )),
-    ("transformers>=4.52 names (model.language_model.*, Qwen2-VL style)", (
-        ("model.language_model.", "model."),
-        ("model.visual.", "visual."),
-    )),
-)
+class ModelLayoutError(AdapterError):
+    """The served model's layout cannot be read (no checkpoint folder, a rebuild that differs): it names no
+    adapter, so ``LMDEPLOY_REGEX_LORA_ON_ERROR=skip`` does not leave an adapter out for it; the load stops."""
 
 
-@dataclass(frozen=True)
-class Site:
-    """One Hugging Face linear layer as LMDeploy holds it."""
+class _Layers:
+    """What :func:`~.plan.resolve_adapter` asks of a model: candidates, sites, naming, linearity."""
 
-    hf_name: str
-    lmdeploy_module: str
-    slot: str
-    in_features: int  # unsharded (the adapter's lora_A/lora_B sizes), see unsharded_sizes
-    out_features: int
-    base_slice: tuple[int, int]  # this TP rank's rows of the LMDeploy weight
-    serving: Serving
-    #: (num_kv_heads, q_heads_per_kv, head_dim) when lora_B rows must be de-interleaved.
-    interleaved_qkv: tuple[int, int, int] | None = None
-    lora_capable: bool = True
+    model_dir: str | None = None
+    candidates: dict[str, tuple[int, int] | None]
 
+    def site(self, name: str) -> Site:
+        return self.sites_for([name])[name]
 
-def _conventional_packing(leaf: str, mod) -> list[str] | None:
-    """Packing that a model's ``load_weights`` does without declaring it (e.g. LLaVA's CLIP and InternVL-hf's
-    vision attention load ``q/k/v_proj`` into ``qkv_proj``): LMDeploy's stacked-params naming convention."""
-    outs = getattr(mod, "all_out_features", None)
-    if leaf == "qkv_proj" and hasattr(mod, "qkv_split_section") and outs is not None and len(outs) == 3:
-        return ["q_proj", "k_proj", "v_proj"]
-    if leaf == "gate_up_proj" and outs is not None and len(outs) == 2:
-        return ["gate_proj", "up_proj"]
-    return None
+    def sites_for(self, names: Iterable[str]) -> dict[str, Site]:  # pragma: no cover - overridden
+        raise NotImplementedError
 
+    @property
+    def sites(self) -> dict[str, Site]:
+        """Every candidate's site (traces them all: for ``inspect`` and tests)."""
+        return self.sites_for(self.candidates)
 
-def unsharded_sizes(mod) -> tuple[int, list[int]]:
-    """(in_features, out_features per packed section) of ``mod`` before tensor-parallel sharding.
+    def naming_for(self, adapter: str, file: str, tensor_modules: Iterable[str]) -> Naming:
+        return choose_naming(adapter, file, list(tensor_modules), self.candidates, self.model_dir)
 
-    Adapters hold full-size tensors while each TP rank holds a shard, so sites carry the full sizes
-    (what an adapter's shapes are checked against) and the local ``base_slice`` (where its rows go).
-    LMDeploy records the full sections of merged/QKV linears; a plain sharded linear is assumed split
-    evenly (``local * tp``), as LMDeploy's own LoRA loader assumes too; an uneven split then fails the
-    shape check loudly rather than loading wrong rows.
-    """
-    local_outs = [int(o) for o in getattr(mod, "all_out_features", None) or [mod.out_features]]
-    world = int(getattr(mod, "tp", 1)) if getattr(mod, "is_tp", False) else 1
-    if world <= 1:
-        return int(mod.in_features), local_outs
-    if not mod.colwise:
-        return int(mod.in_features) * world, local_outs
-    sections = getattr(mod, "qkv_split_section", None)
-    if sections is None and hasattr(mod, "all_out_features"):
-        sections = getattr(mod, "split_section", None)
-    if sections is not None and len(sections) == len(local_outs):
-        return int(mod.in_features), [int(s) for s in sections]
-    return int(mod.in_features), [o * world for o in local_outs]
+    def not_linear(self, names: Iterable[str], trained: Iterable[str] = ()) -> set[str]:
+        """Of ``names`` (layers a config selects but the adapter has no tensors for), those that were no linear
+        layer of the trainer's model: embeddings, routers that are bare parameters, ... and the routed experts
+        when the adapter trained none (``trained``): transformers 5 holds them as fused parameters, which
+        PEFT cannot target, while the checkpoint (and transformers 4.x) has one linear per expert."""
+        sites = self.sites_for(names)
+        experts = any(s.kind == "moe-experts" for s in self.sites_for(trained).values())
+        return {n for n, s in sites.items() if s.kind not in LINEAR_KINDS or (s.kind == "moe-experts" and not experts)}
+
+    def output_layer(self) -> str | None:  # pragma: no cover - overridden
+        raise NotImplementedError
 
 
-def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
-    """Apply the first matching prefix rule (a rule without a trailing dot matches a whole name part)."""
-    for src, dst in rules:
-        if src.endswith("."):
-            if name.startswith(src):
-                return dst + name[len(src):]
-        elif name == src or name.startswith(src + "."):
-            return dst + name[len(src):]
-    return name
+class ModelMap(_Layers):
+    """The served model's checkpoint linears, by checkpoint module name, traced through LMDeploy's loader."""
 
-
-def unrename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
-    """The inverse of :func:`rename`: checkpoint name -> the name under the scheme."""
-    return rename(name, tuple((dst, src) for src, dst in rules))
-
-
-class ModelMap:
-    """Every linear layer of the served model, by Hugging Face (checkpoint) name."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        import torch
-        from lmdeploy.pytorch.nn.linear.base import LinearBase
-
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
         self.model = model
-        self.sites: dict[str, Site] = {}
-        self.modules = modules = dict(model.named_modules())
-        backbone = self._backbone_prefix(model, modules)
-        for name, mod in modules.items():
-            if isinstance(mod, LinearBase):
-                self._add_lmdeploy_linear(name, mod, modules, backbone)
-            elif isinstance(mod, torch.nn.Linear):
-                self.sites[name] = Site(name, name, name.rsplit(".", 1)[-1], mod.in_features, mod.out_features,
-                                        (0, mod.out_features), PLAIN_LINEAR, lora_capable=False)
+        self.modules = dict(model.named_modules())
+        self.dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self.model_dir = _checkpoint_dir(model)
+        self.shapes = {k.removesuffix(".weight"): s for k, s in checkpoint_shapes(self.model_dir).items()}
+        self.candidates: dict[str, tuple[int, int] | None] = dict(self.shapes)
+        self.aliases = _tied_aliases(model)
+        for module in self.aliases:
+            self.candidates.setdefault(module, None)
+        self.backbone, self.vocab = _token_embedding(self.modules)
+        self._sites: dict[str, Site] = {}
+        self._skeleton = None
+        self._checked = False
+        self._absorbed: dict[str, list[str]] = {}
 
-    @staticmethod
-    def _backbone_prefix(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> str | None:
-        """The text decoder: the parent of the input embedding. Its linears run on token rows."""
-        emb = None
-        getter = getattr(model, "get_input_embeddings", None)
-        if callable(getter):
-            try:
-                emb = getter()
-            except Exception:
-                emb = None
-        if emb is not None:
-            for name, mod in modules.items():
-                if mod is emb:
-                    return name.rsplit(".", 1)[0] if "." in name else ""
-        return None
+    # -- tracing ------------------------------------------------------------------------------------
 
-    def _packing(self, name: str, modules: dict[str, torch.nn.Module]) -> tuple[list[str] | None, torch.nn.Module]:
-        """Sub-module names packed into ``name``, from the nearest ancestor's ``packed_modules_mapping``."""
-        leaf = name.rsplit(".", 1)[-1]
-        parts = name.split(".")
-        for i in range(len(parts) - 1, -1, -1):
-            anc = modules.get(".".join(parts[:i]) if i else "")
-            mapping = getattr(anc, "packed_modules_mapping", None) if anc is not None else None
-            if isinstance(mapping, dict) and mapping:
-                return (list(mapping[leaf]) if leaf in mapping else None), anc
-        return None, self.model
+    def _fresh_skeleton(self):
+        """A meta skeleton no trace has used since its post-load hooks ran (they change parameters)."""
+        if self._skeleton is None:
+            self._skeleton = self._build_skeleton()
+        return self._skeleton
 
-    def _owner_class(self, name: str, modules: dict[str, torch.nn.Module]) -> str:
-        parts = name.split(".")
-        for i in range(len(parts) - 1, -1, -1):
-            anc = modules.get(".".join(parts[:i]) if i else "")
-            if anc is not None and type(anc).__name__ in _INTERLEAVED_QKV_CLASSES:
-                return type(anc).__name__
-        return ""
+    def _post_load_check(self, skeleton) -> None:
+        """Once, after the first trace: run LMDeploy's post-load hooks on that skeleton (what it absorbs) and
+        check it against the served model. The skeleton is spent; a later trace builds another."""
+        from .weight_trace import trace_post_load
 
-    def _add_lmdeploy_linear(self, name: str, mod, modules, backbone: str | None) -> None:
-        parent, _, leaf = name.rpartition(".")
-        if backbone is not None and (backbone == "" or name.startswith(backbone + ".")):
-            serving = PER_REQUEST
-        elif leaf in ("lm_head", "output"):
-            serving = LM_HEAD
-        else:
-            serving = NON_TOKEN
-        subs, _ = self._packing(name, modules)
-        if subs is None:
-            subs = _conventional_packing(leaf, mod)
-        prefix = parent + "." if parent else ""
-        full_in, full_outs = unsharded_sizes(mod)
-        if subs is not None:
-            outs = list(mod.all_out_features)
-            start = 0
-            for sub, out, full_out in zip(subs, outs, full_outs, strict=True):
-                self.sites[prefix + sub] = Site(prefix + sub, name, sub, full_in, full_out, (start, start + out),
-                                                serving)
-                start += out
+        self._absorbed = trace_post_load(skeleton)
+        self._checked = True
+        self._skeleton = None
+        self._check_skeleton(skeleton)
+
+    def _build_skeleton(self):
+        import copy
+        from types import SimpleNamespace
+
+        import torch
+        from lmdeploy.pytorch.models.patch import build_patched_model
+
+        config = getattr(self.model, "config", None)
+        build_ctx = getattr(getattr(self.model, "ctx_mgr", None), "build_ctx", None)
+        try:
+            # build_model_from_hf_config may rewrite the context's quant_config: never the served model's.
+            return build_patched_model(SimpleNamespace(hf_config=config, dtype=self.dtype), device=torch.device("meta"),
+                                       build_model_ctx=copy.copy(build_ctx) if build_ctx is not None else None)
+        except Exception as exc:
+            raise ModelLayoutError(
+                f"LMDeploy cannot rebuild this model from its config on the meta device ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); the plugin runs LMDeploy's own weight loader on "
+                "that rebuild to place LoRA rows.", file=self.model_dir, fix=_REBUILD_FIX) from None
+
+    def _check_skeleton(self, skeleton) -> None:
+        served = {n: tuple(p.shape) for n, p in self.model.named_parameters() if ".lora_adapters." not in n}
+        built = {n: tuple(p.shape) for n, p in skeleton.named_parameters() if ".lora_adapters." not in n}
+        if served != built:
+            diff = sorted(set(served.items()) ^ set(built.items()))
+            sample = ", ".join(f"{n} {s}" for n, s in diff[:3])
+            raise ModelLayoutError(
+                f"the served model differs from the one LMDeploy builds from its config ({len(diff)} parameters "
+                f"differ, e.g. {sample}), so where LoRA rows go cannot be read from LMDeploy's loader.",
+                file=self.model_dir, fix=_REBUILD_FIX)
+
+    def sites_for(self, names: Iterable[str]) -> dict[str, Site]:
+        names = list(dict.fromkeys(names))
+        todo = [n for n in names if n not in self._sites]
+        if todo:
+            self._trace([n for n in todo if n in self.shapes])
+            for name in todo:
+                if name in self.aliases and (name not in self._sites or not self._sites[name].lmdeploy_module):
+                    self._sites[name] = self._alias_site(name)
+        return {n: self._sites[n] for n in names}
+
+    def _trace(self, names: list[str]) -> None:
+        if not names:
             return
-        interleaved = None
-        if leaf == "wqkv" and self._owner_class(name, modules):
-            # The checkpoint's (and adapter's) interleave spans all heads, not this TP rank's share.
-            head = mod.head_size
-            q, kv = mod.qkv_split_section[0] // head, mod.qkv_split_section[1] // head
-            interleaved = (kv, q // kv, head)
-        self.sites[name] = Site(name, name, leaf, full_in, sum(full_outs), (0, mod.out_features),
-                                serving, interleaved_qkv=interleaved)
+        from .weight_trace import trace_weights
 
-    def base_weight(self, name: str) -> torch.Tensor | None:
-        """The served weight of checkpoint module ``name`` (this rank's shard), or None when LMDeploy has none."""
-        if not hasattr(self, "_params"):
-            self._params = dict(self.model.named_parameters())
-        param = self._params.get(f"{name}.weight")
-        if param is None and name in self.sites:
-            param = self._params.get(f"{self.sites[name].lmdeploy_module}.weight")
-        return param
+        skeleton = self._fresh_skeleton()
+        record = trace_weights(skeleton, {f"{n}.weight": self.shapes[n] for n in names})
+        shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters(remove_duplicate=False)}
+        if not self._checked:
+            self._post_load_check(skeleton)
+        for key, entry in record.entries.items():
+            self._sites[key.removesuffix(".weight")] = self._classify(derive_site(entry, shapes), entry.name,
+                                                                      entry.shape)
 
-    def choose_scheme(self, adapter: str, file: str, tensor_modules: list[str]) -> tuple[str, tuple]:
-        return choose_scheme(self.sites, adapter, file, tensor_modules)
+    def _alias_site(self, module: str) -> Site:
+        """A layer whose weight *is* another parameter after loading (``tie_word_embeddings``): its rows are
+        those of the checkpoint weight LMDeploy loads into that parameter (the vocab-sized candidates)."""
+        target = self.aliases[module]
+        biggest = max((s[0] for s in self.shapes.values()), default=0)
+        vocab_sized = [n for n, s in self.shapes.items() if s[0] == biggest and n != module]
+        for name, site in self.sites_for(vocab_sized).items():
+            if f"{site.lmdeploy_module}.{site.param}" == target and site.lmdeploy_module:
+                from .weight_trace import module_kind
+
+                alias = replace(site, hf_name=module, lmdeploy_module=module, slot=module.rsplit(".", 1)[-1],
+                                kind=module_kind(self.model, module), serving=PER_REQUEST, lora_capable=True,
+                                detail=f"shares its weight with {name}")
+                return self._classify(alias, module, (site.out_features, site.in_features))
+        return self._classify(f"skipped: its weight is {target}, which no checkpoint weight is loaded into",
+                              module, (0, 0))
+
+    # -- classification -------------------------------------------------------------------------------
+
+    def _token_rows(self, module: str) -> bool:
+        return self.backbone is not None and (self.backbone == "" or module.startswith(self.backbone + "."))
+
+    def _classify(self, site: Site | str, key: str, shape: tuple[int, ...]) -> Site:
+        """How LoRA on the site can be served (see :class:`~.sites.Serving`)."""
+        if isinstance(site, str):  # LMDeploy does not load it (or its writes cannot be read)
+            return Site(key.removesuffix(".weight"), "", "", int(shape[1]), int(shape[0]), (0, 0), Serving.NOT_LOADED,
+                        lora_capable=False, kind="not-loaded", detail=f"LMDeploy's loader {_why(site)}")
+        absorbed = self._absorbed.get(f"{site.lmdeploy_module}.{site.param}")
+        if absorbed:
+            return replace(site, serving=Serving.ABSORBED, lora_capable=False,
+                           detail=f"LMDeploy copies its weight into {', '.join(sorted(set(absorbed)))} after loading "
+                                  f"and never runs {site.lmdeploy_module}")
+        token = self._token_rows(site.lmdeploy_module)
+        if site.kind == "lora-linear":
+            serving = PER_REQUEST if token else LM_HEAD if site.out_features == self.vocab else NON_TOKEN
+            return replace(site, serving=serving)
+        cls = type(self.modules.get(site.lmdeploy_module)).__name__
+        if site.kind == "plain-linear":
+            if not token:
+                return replace(site, serving=PLAIN_LINEAR, lora_capable=False)
+            return replace(site, serving=Serving.NO_LORA_PATH, lora_capable=False,
+                           detail=f"LMDeploy builds {site.lmdeploy_module} as a plain torch.nn.Linear, which has no "
+                                  "LoRA path")
+        if site.kind == "moe-experts":
+            moe = type(self.modules.get(site.lmdeploy_module.rpartition(".")[0])).__name__
+            return replace(site, serving=Serving.MOE_EXPERTS, lora_capable=False,
+                           detail=f"a routed expert of LMDeploy's fused MoE ({moe}), which has no LoRA path")
+        if site.kind == "embedding":
+            return replace(site, serving=Serving.EMBEDDING, lora_capable=False, detail=f"an embedding ({cls})")
+        return replace(site, serving=Serving.NO_LORA_PATH, lora_capable=False,
+                       detail=f"LMDeploy builds {site.lmdeploy_module} as {cls}, which has no LoRA path")
+
+    def output_layer(self) -> str | None:
+        """The LM head's checkpoint name (what PEFT's ``all-linear`` leaves out)."""
+        biggest = max((s[0] for s in self.shapes.values()), default=0)
+        names = [n for n, s in self.shapes.items() if s[0] == biggest] + list(self.aliases)
+        return next((n for n, s in self.sites_for(names).items() if s.serving in (LM_HEAD, Serving.NO_LORA_PATH)
+                     and s.out_features == self.vocab and not self._token_rows(s.lmdeploy_module)), None)
+
+    def served_weight(self, site: Site) -> torch.Tensor:
+        """This rank's served rows of ``site`` (base_slice of its parameter), as (out, in)."""
+        return served_rows(self.modules, site)
 
 
-def choose_scheme(sites: Mapping[str, Site], adapter: str, file: str, tensor_modules: list[str]
-                  ) -> tuple[str, tuple]:
-    """Pick the naming scheme under which every tensor of the adapter names a linear layer of the model."""
-    best = None
-    for label, rules in NAMING_SCHEMES:
-        missing = [m for m in tensor_modules if rename(m, rules) not in sites]
-        if not missing:
-            return label, rules
-        if best is None or len(missing) < len(best[2]):
-            best = (label, rules, missing)
-    label, rules, missing = best
-    sample = ", ".join(repr(m) for m in missing[:3])
-    raise AdapterError(
-        f"{len(missing)} of its {len(tensor_modules)} LoRA tensors name modules this model does not have as "
-        f"linear layers (e.g. {sample}; closest naming: {label}).",
-        adapter=adapter, file=file, module=missing[0],
-        fix="check that the adapter was trained on this base model; an adapter for another architecture or "
-            "size cannot be served on it.")
+def _why(status: str) -> str:
+    if status.startswith("skipped"):
+        return "skips it" + status.removeprefix("skipped")
+    if status.startswith("error"):
+        return "refuses it (" + status.removeprefix("error: ") + ")"
+    return "writes it in a way that cannot be read back (" + status.removeprefix("untraceable: ") + ")"
 
 
-class CheckpointMap:
+def _checkpoint_dir(model) -> str:
+    """The folder LMDeploy loaded ``model`` from: ``load_model_weights`` is given ``config._name_or_path``."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path or not os.path.isfile(os.path.join(str(path), "config.json")):
+        raise ModelLayoutError(
+            f"LMDeploy built this model from {path!r} (model.config._name_or_path), which is not a local model "
+            "folder with a config.json here; the plugin reads that checkpoint's names to place LoRA rows.",
+            file=str(path) if path else None,
+            fix="serve the model from a local folder (LMDeploy downloads a Hub id into one), or load adapters into a "
+                "model that LMDeploy built itself.")
+    return os.fspath(path)
+
+
+def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
+    """Every 2-D ``*.weight`` of the checkpoint LMDeploy loads from ``model_dir`` (its own file choice), by key.
+
+    safetensors: headers only; ``.bin``: memory-mapped with ``weights_only``.
+    """
+    try:
+        from lmdeploy.pytorch.weight_loader.model_weight_loader import ModelWeightLoader
+
+        loader = ModelWeightLoader(model_dir)
+        paths, kind = sorted(loader._shard_paths), loader._weight_type
+    except Exception as exc:
+        raise ModelLayoutError(f"holds no checkpoint LMDeploy can read ({type(exc).__name__}: {exc}).", file=model_dir,
+                           fix="serve a complete model folder (model.safetensors, its index, or pytorch_model.bin)."
+                           ) from None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in paths:
+        if kind == "safetensors":
+            from ..safetensors_io import read_header
+
+            shapes.update({k: e.shape for k, e in read_header(path, what="checkpoint shard").entries.items()})
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    return {k: (int(s[0]), int(s[1])) for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+
+
+def _tied_aliases(model) -> dict[str, str]:
+    """{LMDeploy module: the parameter its weight is} for weights shared after loading (tied LM heads). A module
+    registered twice (InternVL's ``lm_head`` is its LLM's) is one layer, not an alias."""
+    from .weight_trace import _storage_key, storages_of
+
+    first = storages_of(model)
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner = first.get(_storage_key(p))
+        if owner is None or owner == name or not name.endswith(".weight"):
+            continue
+        module, owner_module = name.removesuffix(".weight"), owner.rpartition(".")[0]
+        if model.get_submodule(module) is not model.get_submodule(owner_module):
+            out[module] = owner
+    return out
+
+
+def _token_embedding(modules: Mapping[str, object]) -> tuple[str | None, int | None]:
+    """(the text decoder, vocabulary size): the parent of the largest token embedding. Its linears run on token
+    rows; LMDeploy's ``get_input_embeddings`` is not used (GLM-4's raises)."""
+    import torch
+
+    try:
+        from lmdeploy.pytorch.nn import embedding
+    except ImportError:  # older LMDeploy
+        embedding = None
+    # ParallelLMHead (an embedding class LMDeploy uses as DeepSeek's head) is newer than ParallelEmbedding.
+    ParallelEmbedding = getattr(embedding, "ParallelEmbedding", ())  # noqa: N806
+    ParallelLMHead = getattr(embedding, "ParallelLMHead", ())  # noqa: N806
+    best: tuple[int, str] | None = None
+    for name, mod in modules.items():
+        if ParallelLMHead and isinstance(mod, ParallelLMHead):
+            continue
+        if isinstance(mod, torch.nn.Embedding):
+            rows = int(mod.num_embeddings)
+        elif ParallelEmbedding and isinstance(mod, ParallelEmbedding):
+            rows = int(mod.vocab_size)
+        else:
+            continue
+        if best is None or rows > best[0]:
+            best = (rows, name)
+    if best is None:
+        return None, None
+    return best[1].rpartition(".")[0], best[0]
+
+
+class CheckpointMap(_Layers):
     """The linear layers of a checkpoint as its safetensors headers list them, for ``merge``.
 
     A merge writes checkpoint tensors, so its sites are the checkpoint's own: every 2-D
-    ``<module>.weight`` (``merge`` refuses a quantized one by name) under the checkpoint's name,
-    with its full (out, in) shape, in the checkpoint's row order (InternLM2's interleaved ``wqkv``
-    included: the adapter was trained on that order). It offers what :func:`~.plan.resolve_adapter`
-    asks of a :class:`ModelMap` (sites, modules, naming, base weights), so naming, matching and every
-    check of the adapter are serving's; neither LMDeploy nor torch is needed.
+    ``<module>.weight`` (``merge`` refuses a quantized one by name) under the checkpoint's name, with its
+    full (out, in) shape, in the checkpoint's row order (InternLM2's interleaved ``wqkv`` included: the
+    adapter was trained on that order). Naming, matching and every check of the adapter are serving's;
+    neither LMDeploy nor torch is needed (names of another transformers version import it, see
+    :mod:`.naming`). Headers cannot tell an embedding from a linear, so vocabulary-sized weights (embeddings,
+    the LM head) count as not linear when an adapter leaves them alone, and ``*.experts.<n>.*`` weights are
+    routed experts (every Hub MoE checkpoint names them so).
     """
 
-    def __init__(self, sites: dict[str, Site]) -> None:
-        self.sites = sites
-        self.modules: dict = {}  # no LMDeploy modules: nothing is tensor-parallel here
+    def __init__(self, sites: dict[str, Site], model_dir: str | None = None) -> None:
+        self._all = sites
+        self.model_dir = model_dir
+        self.candidates = {n: (s.out_features, s.in_features) for n, s in sites.items()}
+        self.modules: dict = {}
 
     @classmethod
-    def from_shapes(cls, weights: Mapping[str, tuple[int, ...] | list[int]]) -> CheckpointMap:
+    def from_shapes(cls, weights: Mapping[str, tuple[int, ...] | list[int]], model_dir: str | None = None
+                    ) -> CheckpointMap:
         sites = {}
         for key, shape in weights.items():
             if key.endswith(".weight") and len(shape) == 2:
                 name = key[: -len(".weight")]
+                kind = "moe-experts" if _EXPERT.fullmatch(name) else "lora-linear"
                 sites[name] = Site(name, name, name.rsplit(".", 1)[-1], int(shape[1]), int(shape[0]),
-                                   (0, int(shape[0])), PER_REQUEST)
-        return cls(sites)
+                                   (0, int(shape[0])), PER_REQUEST, kind=kind)
+        return cls(sites, model_dir)
 
-    def base_weight(self, name: str) -> None:
-        """Base copies are compared by ``merge`` against the shard bytes themselves."""
-        return None
+    def sites_for(self, names: Iterable[str]) -> dict[str, Site]:
+        return {n: self._all[n] for n in names}
 
-    def choose_scheme(self, adapter: str, file: str, tensor_modules: list[str]) -> tuple[str, tuple]:
-        return choose_scheme(self.sites, adapter, file, tensor_modules)
+    def not_linear(self, names: Iterable[str], trained: Iterable[str] = ()) -> set[str]:
+        biggest = max((s.out_features for s in self._all.values()), default=0)
+        experts = any(self._all[n].kind == "moe-experts" for n in trained)
+        return {n for n in names if self._all[n].out_features == biggest
+                or (self._all[n].kind == "moe-experts" and not experts)}
+
+    def output_layer(self) -> str | None:
+        return None  # not told apart from the embedding: both count as not linear (not_linear)

@@ -8,19 +8,24 @@ only then LMDeploy's modules are filled from it (:mod:`.slots`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import AdapterError, Blame, where
 from .config import AdapterConfig
 from .matching import resolve_targets
-from .model_map import FOLDED, IMAGE_ROWS, LM_HEAD, PER_REQUEST, ModelMap, Serving, Site, rename, unrename
-from .vision_policy import ENV_FOLD_VISION, FOLD_FIX, VisionPolicy, foldable, off_token_rows, vision_policy
+from .model_map import FOLDED, IMAGE_ROWS, LM_HEAD, NON_TOKEN, PER_REQUEST, PLAIN_LINEAR, ModelMap, Serving, Site
+from .naming import Naming
+from .sites import local_weight
+from .vision_policy import ENV_FOLD_VISION, FOLD_FIX, VisionPolicy, off_token_rows, vision_policy
 from .weights import AdapterTensors, LoraPair
 
 #: LMDeploy's Triton LoRA kernel sizes a block with ``tl.arange(0, max(16, max_rank))``: it must be a
 #: power of two. The kernel masks rows past each adapter's own rank, so rounding up is exact.
 MIN_KERNEL_BLOCK = 16
+#: Opt-in: fold LoRA on routed MoE experts (which LMDeploy's fused MoE cannot serve per request) into their weights.
+ENV_FOLD_EXPERTS = "LMDEPLOY_REGEX_LORA_FOLD_EXPERTS"
 
 
 def kernel_block_rank(max_rank: int) -> int:
@@ -78,9 +83,9 @@ class SlotPlan:
 
 @dataclass
 class FoldPlan:
-    """A layer whose rows are not token rows (vision tower, projector), folded because the operator chose
-    to (``LMDEPLOY_REGEX_LORA_FOLD_VISION=1``): the one adapter that changes it is added to its base weight,
-    for every request."""
+    """A layer folded because the operator chose to (vision tower and projector with
+    ``LMDEPLOY_REGEX_LORA_FOLD_VISION=1``, routed MoE experts with ``LMDEPLOY_REGEX_LORA_FOLD_EXPERTS=1``):
+    the one adapter that changes it is added to its base weight, for every request."""
 
     hf_name: str  # checkpoint name
     lmdeploy_module: str
@@ -89,6 +94,7 @@ class FoldPlan:
     scaling: float
     rank: int
     base_slice: tuple[int, int]  # the rows of the LMDeploy weight this layer occupies (packed layers)
+    serving: Serving = NON_TOKEN  # the site's kind: vision/projector rows, or MoE experts (ENV_FOLD_EXPERTS)
 
 
 @dataclass
@@ -115,8 +121,10 @@ class LoadPlan:
                 slot = f"{m.lmdeploy_module}[{m.slot}]"
                 lines.append(f"  {m.hf_name:<56} {slot:<44} {m.rank:>4} {m.alpha:>7g} {m.scaling:>8.4g}  {m.reason}")
         for f in self.folds:
-            lines.append(f"folded into the base weight of {f.lmdeploy_module} for every request: adapter "
-                         f"{f.adapter!r} (r={f.rank}, scale={f.scaling:.4g}), as {ENV_FOLD_VISION}=1 asks")
+            why = (f"{ENV_FOLD_EXPERTS}=1: LMDeploy's fused MoE has no LoRA path" if f.serving == Serving.MOE_EXPERTS
+                   else f"as {ENV_FOLD_VISION}=1 asks")
+            lines.append(f"folded into the base weight of {f.lmdeploy_module} ({f.hf_name}) for every request: "
+                         f"adapter {f.adapter!r} (r={f.rank}, scale={f.scaling:.4g}); {why}")
         images = sum(s.serving == IMAGE_ROWS for s in self.slots)
         if images:
             lines.append(f"{images} vision/projector slots serve per request: each image's rows use its own "
@@ -132,6 +140,7 @@ class ResolvedAdapter:
 
     plan: AdapterPlan
     by_site: dict[str, tuple[ModulePlan, LoraPair]]
+    naming: Naming | None = None  # how its module names map onto the checkpoint's (None: a skipped placeholder)
 
 
 @dataclass
@@ -164,31 +173,31 @@ def resolve_adapter(
     if policy.refusal:
         raise bad(policy.refusal, "merge the adapter into the base model (`lmdeploy-regex-lora merge`) and serve "
                   "the merge, which needs no LoRA.")
-    label, rules = model_map.choose_scheme(cfg.name, file, list(tensors.pairs))
-    # Names as the trainer's model had them, for every linear layer of the served model.
-    names = {unrename(site_name, rules): site_name for site_name in model_map.sites}
+    naming = model_map.naming_for(cfg.name, file, tensors.pairs)
+    model_map.sites_for(naming.to_checkpoint.values())  # traces what the adapter trained, in one pass
+    names, not_linear = target_names(naming, model_map)
+    output = model_map.output_layer() if cfg.all_linear else None
     # Which modules, under which PEFT layer / rank-alpha rules: the tensors decide (matching.resolve_targets).
-    resolution = resolve_targets(cfg, names, {n: p.rank for n, p in tensors.pairs.items()}, file)
-    _check_base_copies(cfg, tensors, rules, model_map)
+    resolution = resolve_targets(cfg, names, {n: p.rank for n, p in tensors.pairs.items()}, file, not_linear,
+                                 naming.trainer(output) if output else None)
+    _check_base_copies(cfg, tensors, naming, model_map)
 
     plan = AdapterPlan(
         name=cfg.name, adapter_id=adapter_id, path=cfg.path, config_file=cfg.config_file, weights_file=file,
         target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
-        naming=label, use_rslora=cfg.use_rslora, layer_rule=resolution.layer_rule,
+        naming=naming.label, use_rslora=cfg.use_rslora, layer_rule=resolution.layer_rule,
         pattern_rule=resolution.pattern_rule,
     )
     by_site: dict[str, tuple[ModulePlan, LoraPair]] = {}
-    unservable: list[tuple[str, str]] = []
-    would_fold: list[bool] = []  # per refused layer: would fold mode serve it?
+    unservable: list[tuple[str, Site]] = []
     for name in sorted(resolution.modules):
         with where(module=name):
-            site = model_map.sites[rename(name, rules)]
+            site = model_map.site(names[name])
             pair = tensors.pairs[name]
-            _check_shapes(bad, name, pair, site, model_map)
+            _check_shapes(bad, name, pair, site)
             serving, why = _serving(site, policy, model_map.modules.get(site.lmdeploy_module))
             if serving is None:
-                unservable.append((name, why))
-                would_fold.append(foldable(site))
+                unservable.append((name, replace(site, detail=why) if why else site))
                 continue
             choice = resolution.modules[name]
             module_plan = ModulePlan(name, site.lmdeploy_module, site.slot, pair.rank, choice.alpha, choice.scaling,
@@ -196,107 +205,144 @@ def resolve_adapter(
             plan.modules.append(module_plan)
             by_site[site.hf_name] = (module_plan, pair)
     if unservable:
-        desc = ", ".join(f"{n!r} ({why})" for n, why in unservable[:4])
-        more = f" and {len(unservable) - 4} more" if len(unservable) > 4 else ""
-        raise bad(f"targets layers LMDeploy cannot serve LoRA on: {desc}{more}. Dropping them would serve a model "
-                  "different from the one trained.",
-                  FOLD_FIX if all(would_fold) and not policy.fold else
-                  "merge the adapter into the base model (`lmdeploy-regex-lora merge`) and serve the merge.",
-                  module=unservable[0][0])
-    return ResolvedAdapter(plan=plan, by_site=by_site)
+        raise _unservable(bad, unservable)
+    return ResolvedAdapter(plan=plan, by_site=by_site, naming=naming)
+
+
+def target_names(naming: Naming, model_map: ModelMap) -> tuple[dict[str, str], Callable[[set[str]], set[str]]]:
+    """{name as the trainer's model had it: checkpoint name} for every candidate layer of the model, and the
+    question matching asks about layers a config selects without tensors: which of them are no linear layers."""
+    names = naming.names(model_map.candidates)
+    trained = list(naming.to_checkpoint.values())
+
+    def not_linear(selected: set[str]) -> set[str]:
+        dropped = model_map.not_linear([names[n] for n in selected], trained)
+        return {n for n in selected if names[n] in dropped}
+
+    return names, not_linear
+
+
+#: Site kinds LoRA cannot be served on: (what they are, why, fix).
+_MERGE_FIX = "merge the adapter into the base model (`lmdeploy-regex-lora merge`) and serve the merge"
+UNSERVABLE: dict[Serving, tuple[str, str]] = {
+    Serving.MOE_EXPERTS: ("MoE experts", f"{_MERGE_FIX}, or serve an adapter trained without LoRA on the routed "
+                                          f"experts; {ENV_FOLD_EXPERTS}=1 folds one adapter's expert deltas into the "
+                                          "expert weights for every request (see docs/supported.md)"),
+    Serving.ABSORBED: ("layers LMDeploy absorbs into others after loading", _MERGE_FIX),
+    Serving.NO_LORA_PATH: ("layers LMDeploy builds without a LoRA path", _MERGE_FIX),
+    Serving.NOT_LOADED: ("layers LMDeploy does not load", "serve an adapter without LoRA on them; LMDeploy's model "
+                                                          "does not run them, so a merge would not help either"),
+    Serving.EMBEDDING: ("embeddings", _MERGE_FIX),
+    NON_TOKEN: ("vision/projector layers", FOLD_FIX.rstrip(".")),
+    PLAIN_LINEAR: ("vision/projector layers", FOLD_FIX.rstrip(".")),
+}
+
+
+def _unservable(bad: Blame, unservable: list[tuple[str, Site]]) -> AdapterError:
+    """One refusal naming the kind of module (MoE experts, ...), why LMDeploy cannot serve it, and the fix."""
+    kinds: dict[Serving, list[tuple[str, Site]]] = {}
+    for name, site in unservable:
+        kinds.setdefault(site.serving, []).append((name, site))
+    parts = []
+    for serving, items in kinds.items():
+        what = UNSERVABLE.get(serving, (f"{serving} layers", _MERGE_FIX))[0]
+        more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+        parts.append(f"{what}: " + ", ".join(repr(n) for n, _ in items[:3]) + more + f" ({items[0][1].detail})")
+    first = next(iter(kinds))
+    return bad("targets layers LMDeploy cannot serve LoRA on: " + "; ".join(parts) + ". Dropping them would serve a "
+               "model different from the one trained.", UNSERVABLE.get(first, ("", _MERGE_FIX))[1] + ".",
+               module=unservable[0][0])
+
+
+def fold_experts() -> bool:
+    """The opt-in of :data:`ENV_FOLD_EXPERTS`: fold LoRA on routed MoE experts into their weights."""
+    return os.environ.get(ENV_FOLD_EXPERTS, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _serving(site: Site, policy: VisionPolicy, module: object) -> tuple[Serving | None, str]:
-    """How a targeted site is served, or (None, why it cannot be)."""
-    if off_token_rows(site):
+    """How a targeted site is served, or (None, why it cannot be, when the site's own detail does not say)."""
+    if off_token_rows(site):  # vision tower and projector: per image, or folded when asked (vision_policy)
         return policy.serving(site, module)
+    if site.serving == Serving.MOE_EXPERTS and fold_experts():
+        return FOLDED, ""
     if site.serving in (PER_REQUEST, LM_HEAD) and site.lora_capable:
         return site.serving, ""
-    return None, str(site.serving)
+    return None, ""
 
 
-def _check_shapes(bad: Blame, name: str, pair: LoraPair, site: Site, model_map: ModelMap) -> None:
+def _check_shapes(bad: Blame, name: str, pair: LoraPair, site: Site) -> None:
     rank = pair.rank
     if tuple(pair.a.shape) == (rank, site.in_features) and tuple(pair.b.shape) == (site.out_features, rank):
         return
-    module = model_map.modules.get(site.lmdeploy_module)
-    world = int(getattr(module, "tp", 1)) if getattr(module, "is_tp", False) else 1
     shapes = f"lora_A is {tuple(pair.a.shape)} and lora_B is {tuple(pair.b.shape)}"
-    if world > 1:
-        # A sharded layer's full size is this rank's size x TP only when the split is even.
-        raise bad(f"{shapes}, but this tensor-parallel rank holds {site.out_features}x{site.in_features} (out x in) "
-                  f"of the layer as if split evenly over {world} ranks: either the layer is split unevenly (its "
-                  "heads do not divide by the TP size) or the adapter belongs to another base model.",
-                  "serve with a TP size that divides this layer's heads, or check that the adapter was trained on "
-                  "this base model.", module=name)
     raise bad(f"{shapes}, but the model's layer is {site.out_features}x{site.in_features} (out x in).",
               "the adapter was trained on a different base model (size or architecture); serve it on the model it "
               "was trained on.", module=name)
 
 
-def check_base_copies(adapter: str, tensors: AdapterTensors, rules: tuple, same: Callable[[str, object], bool],
+def check_base_copies(adapter: str, tensors: AdapterTensors, naming: Naming, same: Callable[[str, object], bool],
                       *, against: str, fix: str, consequence: str = "LoRA slots cannot carry it") -> None:
     """Full weights saved beside the LoRA tensors (``<module>.base_layer.weight``) must equal the base model's:
-    ``same(module, tensor)`` compares one under the base's name; any difference is refused."""
+    ``same(module, tensor)`` compares one under the checkpoint's name; any difference is refused."""
     for key, (module, tensor) in sorted(tensors.base_copies.items()):
-        if not same(rename(module, rules), tensor):
+        if not same(naming.to_checkpoint.get(module, module), tensor):
             raise Blame(adapter, tensors.file)(
                 f"tensor {key!r} is a full weight that differs from {against} (a resized vocabulary, "
                 f"modules_to_save, or another base model); {consequence}.", fix, module=module)
 
 
-def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, rules: tuple, model_map: ModelMap) -> None:
-    """Serving compares each copy with the weight LMDeploy serves (this TP rank's shard of it)."""
+def _check_base_copies(cfg: AdapterConfig, tensors: AdapterTensors, naming: Naming, model_map: ModelMap) -> None:
+    """Serving compares each copy, cut as LMDeploy cut the base weight for this TP rank, with the served rows."""
     def same(name: str, tensor) -> bool:
-        served = model_map.base_weight(name)
-        if served is None:
+        if name not in model_map.candidates:
+            return False
+        site = model_map.site(name)
+        if not site.lmdeploy_module or site.empty or tuple(tensor.shape) != (site.out_features, site.in_features):
             return False
         import torch
 
-        local = tensor
-        if tuple(served.shape) != tuple(tensor.shape) and tensor.shape[0] % served.shape[0] == 0:
-            from lmdeploy.pytorch.distributed import get_tp_world_rank
-
-            world, rank = get_tp_world_rank()
-            if world * served.shape[0] == tensor.shape[0]:
-                local = tensor.chunk(world, 0)[rank]
+        served = model_map.served_weight(site)
+        local = local_weight(site, tensor)
         return tuple(served.shape) == tuple(local.shape) and torch.equal(
             local.to(device=served.device, dtype=served.dtype), served.detach())
 
-    check_base_copies(cfg.name, tensors, rules, same, against="the served model's",
+    check_base_copies(cfg.name, tensors, naming, same, against="the served model's",
                       fix="merge the adapter into the base model and serve the merge.")
 
 
 def build_folds(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[FoldPlan]:
-    """Vision/projector deltas in fold mode: fold when one adapter changes a layer (or all that do agree), else
-    refuse (without fold mode no site is FOLDED and this returns nothing)."""
+    """Vision/projector deltas: fold when one adapter changes a layer (or all that do agree), else refuse."""
     owners: dict[str, list[ResolvedAdapter]] = {}
     for ra in resolved:
         for site_name, (m, _) in ra.by_site.items():
-            if m.serving == FOLDED:
+            if m.serving == FOLDED and not model_map.site(site_name).empty:
                 owners.setdefault(site_name, []).append(ra)
     folds, conflicts = [], []
     for site_name, ras in sorted(owners.items()):
         with where(module=site_name):
-            fold = _fold_or_conflict(site_name, ras, model_map.sites[site_name].base_slice)
+            site = model_map.site(site_name)
+            fold = _fold_or_conflict(site_name, ras, site.base_slice, site.serving)
         if fold is None:
-            conflicts.append((site_name, [r.plan.name for r in ras]))
+            conflicts.append((site_name, [r.plan.name for r in ras], site.serving))
         else:
             folds.append(fold)
     if conflicts:
-        site_name, names = conflicts[0]
+        site_name, names, serving = conflicts[0]
         more = f" (and {len(conflicts) - 1} more layers)" if len(conflicts) > 1 else ""
+        experts = serving == Serving.MOE_EXPERTS
+        what, switch = ("MoE expert", ENV_FOLD_EXPERTS) if experts else ("vision/projector layer", ENV_FOLD_VISION)
         raise AdapterError(
-            f"adapters {', '.join(repr(n) for n in names)} change the same vision/projector layer differently"
-            f"{more}. {ENV_FOLD_VISION}=1 folds such layers into the one base weight every request shares, so "
-            "at most one delta can be folded into each.", adapter=names[0], module=site_name,
-            fix=f"unset {ENV_FOLD_VISION}: these layers are then served per request, each image with its own "
-                "request's adapter.")
+            f"adapters {', '.join(repr(n) for n in names)} change the same {what} differently{more}. {switch}=1 folds "
+            "such layers into the one base weight every request shares, so at most one delta can be folded into "
+            "each.", adapter=names[0], module=site_name,
+            fix="serve these adapters from separate servers, or merge each into its own copy of the base model."
+            if experts else f"unset {ENV_FOLD_VISION}: these layers are then served per request, each image with its "
+                            "own request's adapter.")
     return folds
 
 
-def _fold_or_conflict(site_name: str, owners: list[ResolvedAdapter], base_slice: tuple[int, int]
-                      ) -> FoldPlan | None:
+def _fold_or_conflict(site_name: str, owners: list[ResolvedAdapter], base_slice: tuple[int, int],
+                      serving: Serving) -> FoldPlan | None:
     """The fold of the first owner, or None when another owner's delta differs from it."""
     import torch  # serving path only (merge never plans folds)
 
@@ -308,7 +354,7 @@ def _fold_or_conflict(site_name: str, owners: list[ResolvedAdapter], base_slice:
             if not torch.equal(m.scaling * (p.b.double() @ p.a.double()), reference):
                 return None
     return FoldPlan(site_name, first_m.lmdeploy_module, owners[0].plan.name, owners[0].plan.adapter_id,
-                    first_m.scaling, first_m.rank, base_slice)
+                    first_m.scaling, first_m.rank, base_slice, serving)
 
 
 def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[SlotPlan]:
@@ -317,10 +363,10 @@ def build_slots(resolved: list[ResolvedAdapter], model_map: ModelMap) -> list[Sl
     by_site: dict[str, SlotPlan] = {}
     for ra in resolved:
         for site_name, (m, _) in ra.by_site.items():
-            if m.serving == FOLDED:
+            site = model_map.site(site_name)
+            if m.serving == FOLDED or site.empty:  # folded, or this TP rank holds none of the layer
                 continue
             with where(adapter=ra.plan.name, file=ra.plan.weights_file, module=m.hf_name):
-                site = model_map.sites[site_name]
                 slot = by_site.get(site_name)
                 if slot is None:
                     slot = by_site[site_name] = SlotPlan(site.lmdeploy_module, site.slot, site.hf_name,

@@ -16,75 +16,13 @@ import torch
 from ..errors import AdapterError, bug, where
 from .model_map import FOLDED, IMAGE_ROWS, LM_HEAD
 from .plan import FoldPlan, ResolvedAdapter, ResolvedLoad, SlotPlan
+from .sites import local_lora, served_rows
 from .weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, all_finite
 
 
-def deinterleave_qkv_rows(b: torch.Tensor, num_kv_heads: int, q_per_kv: int, head_dim: int) -> torch.Tensor:
-    """InternLM2 ``wqkv`` rows are (kv_head, q_per_kv + 2, head_dim); LMDeploy stores them as [Q; K; V]."""
-    grouped = b.unflatten(0, (num_kv_heads, q_per_kv + 2, head_dim))
-    q = grouped[:, :q_per_kv].flatten(0, 2)
-    k = grouped[:, q_per_kv].flatten(0, 1)
-    v = grouped[:, q_per_kv + 1].flatten(0, 1)
-    return torch.cat([q, k, v], dim=0)
-
-
-def _tp_world_rank(mod: torch.nn.Module) -> tuple[int, int]:
-    """The module's own TP size and rank (per layer type: attention and MLP may differ), as its loader uses."""
-    if not getattr(mod, "is_tp", False):
-        return 1, 0
-    return int(mod.tp), int(mod.tp_rank)
-
-
-def _qkv_part(mod: torch.nn.Module, part: torch.Tensor, index: int, world: int, rank: int) -> torch.Tensor:
-    """This rank's rows of q (0), k (1) or v (2), cut as ``QKVBaseLinear.weight_loader`` cuts the base weight:
-    whole heads, and k/v shared by ``num_replicate_kv_heads`` ranks when TP exceeds the KV-head count."""
-    from lmdeploy.pytorch.nn.utils import chunk_aligned
-
-    chunks, chunk = world, rank
-    replicas = int(getattr(mod, "num_replicate_kv_heads", 1) or 1)
-    if replicas > 1 and index in (1, 2):
-        chunks, chunk = world // replicas, rank // replicas
-    align = mod.head_size if index in (0, 1) else mod.head_size_v
-    return chunk_aligned(part, chunks, 0, align)[chunk]
-
-
-def shard_lora(mod: torch.nn.Module, base_slice: tuple[int, int], a: torch.Tensor,
-               b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This TP rank's ``lora_A`` (r, in) and ``lora_B`` (out, r), cut exactly as LMDeploy cuts the base weight.
-
-    ``b`` is one layer's full lora_B: a packed section (q, k, gate, ...) when ``base_slice`` is narrower
-    than the module, else the whole output (split into the module's sections, each cut, re-joined).
-    LMDeploy's own ``LoRA.weight_loader_B`` chunks k/v plainly, ignoring KV-head replication, and uses
-    the global TP size even for MLP layers; the base loaders (mirrored here) do neither.
-    """
-    world, rank = _tp_world_rank(mod)
-    if world == 1:
-        return a, b
-    from lmdeploy.pytorch.nn.utils import chunk_aligned
-
-    if not mod.colwise:  # row-parallel: the input dim is split, the output is all-reduced
-        return chunk_aligned(a, world, 1, getattr(mod, "tp_align_size", 1))[rank], b
-    outs = [int(o) for o in getattr(mod, "all_out_features", None) or [mod.out_features]]
-    qkv = hasattr(mod, "qkv_split_section")
-    merged = not qkv and hasattr(mod, "all_out_features") and hasattr(mod, "split_section")
-    if not qkv and not merged:
-        return a, chunk_aligned(b, world, 0, getattr(mod, "tp_align_size", 1))[rank]
-
-    def cut(part: torch.Tensor, index: int) -> torch.Tensor:
-        # MergedBaseLinear.weight_loader: a plain chunk per section.
-        return _qkv_part(mod, part, index, world, rank) if qkv else part.chunk(world, 0)[rank]
-
-    start, stop = base_slice
-    if (start, stop) != (0, sum(outs)):  # one packed section: find it by its local rows
-        offsets = [sum(outs[:i]) for i in range(len(outs))]
-        index = next(i for i, (o, n) in enumerate(zip(offsets, outs, strict=True)) if (o, o + n) == (start, stop))
-        return a, cut(b, index)
-    sections = mod.qkv_split_section if qkv else mod.split_section
-    return a, torch.cat([cut(part, i) for i, part in enumerate(b.split(list(sections), 0))], 0)
-
-
 def _place(lora: torch.nn.Module, adapter_id: int, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Copy one adapter's (already sharded) A and B into its rank rows of the slot; B is stored transposed."""
+    """Copy one adapter's A and B (this TP rank's, :func:`~.sites.local_lora`) into its rank rows of the slot; B is
+    stored transposed."""
     info = lora.adapter_info
     r = int(info.ranks[adapter_id])
     off = int(info.rank_offsets[adapter_id])
@@ -148,7 +86,7 @@ def install_slots(model: torch.nn.Module, load: ResolvedLoad, dtype: torch.dtype
     placed = _fill(load, staged, device)
     _zero_unplaced(slots, staged, placed)
     _refuse_non_finite(slots, staged, load.adapters, dtype)
-    folded = _stage_folds(modules, load.plan.folds, load.adapters)
+    folded = _stage_folds(modules, load.plan.folds, load.adapters, load.sites)
     if any(s.serving in (LM_HEAD, IMAGE_ROWS) for s in slots):
         from .steps import record_steps
 
@@ -161,8 +99,8 @@ def install_slots(model: torch.nn.Module, load: ResolvedLoad, dtype: torch.dtype
 
                 mod = wrap_plain_linear(model, slot.lmdeploy_module)
             mod.lora_adapters[slot.slot] = lora
-    for weight, new in folded:
-        weight.data.copy_(new)
+    for region, new in folded:
+        region.copy_(new)
 
 
 def _fill(load: ResolvedLoad, staged: dict, device: torch.device) -> set[tuple[str, int]]:
@@ -175,14 +113,10 @@ def _fill(load: ResolvedLoad, staged: dict, device: torch.device) -> set[tuple[s
                 continue
             with where(adapter=ra.plan.name, file=ra.plan.weights_file, module=module_plan.hf_name):
                 # Device only: ``copy_`` into the slot converts to its dtype, a second pass would not help.
-                a = pair.a.to(device=device)
-                b = pair.b.to(device=device)
-                layout = load.sites[site_name].interleaved_qkv
-                if layout is not None:
-                    b = deinterleave_qkv_rows(b, *layout)
-                mod, lora = staged[site_name]
-                cols = lora.adapter_info.base_slice
-                _place(lora, aid, *shard_lora(mod, (cols.start, cols.stop), a, b))
+                if site_name not in staged:  # this TP rank holds none of the layer
+                    continue
+                a, b = local_lora(load.sites[site_name], pair.a.to(device=device), pair.b.to(device=device))
+                _place(staged[site_name][1], aid, a, b)
                 placed.add((site_name, aid))
     return placed
 
@@ -251,28 +185,22 @@ def _raise_non_finite(ra: ResolvedAdapter, module: str, key: str, source: torch.
                        fix=fix)
 
 
-def _stage_folds(modules: dict, folds: list[FoldPlan], resolved: list[ResolvedAdapter]) -> list:
-    """New weights ``W + scaling * B @ A`` for folded layers, computed in float64 off the model."""
+def _stage_folds(modules: dict, folds: list[FoldPlan], resolved: list[ResolvedAdapter], sites: dict) -> list:
+    """(region of the served weight, its new values ``W + scaling * B @ A``) per folded layer, computed in float64
+    off the model. A region is the layer's rows of one parameter (one expert of a fused MoE parameter), cut for
+    this TP rank as LMDeploy cut the base weight; only those rows are copied, never the whole parameter."""
     by_id = {ra.plan.adapter_id: ra for ra in resolved}
-    staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    staged = []
     for fold in folds:
         ra = by_id[fold.adapter_id]
         with where(adapter=ra.plan.name, file=ra.plan.weights_file, module=fold.hf_name):
             pair = ra.by_site[fold.hf_name][1]
-            weight = modules[fold.lmdeploy_module].weight
-            start, stop = fold.base_slice
-            # This TP rank's part, cut like the base weight.
-            a, b = shard_lora(modules[fold.lmdeploy_module], (start, stop), pair.a, pair.b)
-            out_f, in_f = b.shape[0], a.shape[1]
-            if weight.dim() != 2 or weight.shape[1] != in_f or stop - start != out_f or stop > weight.shape[0]:
-                raise AdapterError(
-                    f"cannot fold its delta into {fold.lmdeploy_module}: the served weight is {tuple(weight.shape)} "
-                    f"(split across tensor-parallel ranks?), the adapter's layer is {out_f}x{in_f} at rows "
-                    f"{start}:{stop}.", adapter=ra.plan.name, file=ra.plan.weights_file,
-                    module=fold.hf_name, fix="serve with tp=1, or merge the adapter into the base model.")
-            delta = fold.scaling * (b.to(weight.device, torch.float64) @ a.to(weight.device, torch.float64))
-            if fold.lmdeploy_module not in staged:  # packed layers (gate/up) fold several deltas into one weight
-                staged[fold.lmdeploy_module] = (weight, weight.detach().clone())
-            new = staged[fold.lmdeploy_module][1]
-            new[start:stop] = (weight.detach()[start:stop].to(torch.float64) + delta).to(weight.dtype)
-    return list(staged.values())
+            region = served_rows(modules, sites[fold.hf_name])
+            a, b = local_lora(sites[fold.hf_name], pair.a, pair.b)
+            if tuple(region.shape) != (b.shape[0], a.shape[1]):
+                raise bug(f"the served rows of {fold.lmdeploy_module} are {tuple(region.shape)}, the adapter's part "
+                          f"of the layer is {b.shape[0]}x{a.shape[1]}.", module=fold.hf_name)
+            delta = fold.scaling * (b.to(region.device, torch.float64) @ a.to(region.device, torch.float64))
+            staged.append((region, (region.detach().to(torch.float64) + delta).to(region.dtype)))
+    return staged
+

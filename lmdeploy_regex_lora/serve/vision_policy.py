@@ -75,11 +75,6 @@ def off_token_rows(site: Site) -> bool:
     return site.serving in (NON_TOKEN, PLAIN_LINEAR)
 
 
-def foldable(site: Site) -> bool:
-    """Whether fold mode can serve the site (folding needs the checkpoint's row order: no interleaved QKV)."""
-    return off_token_rows(site) and site.interleaved_qkv is None
-
-
 def class_name(model: object) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
@@ -99,8 +94,6 @@ class VisionPolicy:
         ``module`` is LMDeploy's module of the site, when there is one (not for a checkpoint map).
         """
         assert off_token_rows(site), site
-        if not foldable(site):
-            return None, "an interleaved fused QKV outside the text decoder"
         if self.fold:
             return FOLDED, ""
         if self.rule is None:

@@ -86,6 +86,9 @@ def compare_adapter(served: torch.nn.Module, base: torch.nn.Module, merged: torc
     rows = []
     for name, mod in served_lin.items():
         w_base, w_merged = dense_weight(base_lin[name]), dense_weight(merged_lin[name])
+        if w_base.numel() == 0:  # this TP rank holds none of the layer (an uneven split)
+            rows.append(_row(name, "empty on this rank", 0.0, 0.0, torch.equal(mod.weight, base_lin[name].weight)))
+            continue
         ref = w_merged - w_base
         if name in folded:
             kind, got = "folded", dense_weight(mod) - w_base
@@ -114,18 +117,18 @@ def compare_adapter(served: torch.nn.Module, base: torch.nn.Module, merged: torc
 
 
 _STATS = {"lora": "targeted", "untouched": "untargeted", "folded": "folded", "folded by another adapter":
-          "folded_shared"}
+          "folded_shared", "empty on this rank": "empty"}
 
 
 def compare(plugin_model: torch.nn.Module, base_model: torch.nn.Module, merged: dict[int, torch.nn.Module],
             folded: frozenset[str] | set[str] = frozenset()) -> dict:
     """Raise :class:`Mismatch` unless every linear matches for every adapter id.
 
-    Returns {'targeted', 'untargeted', 'folded', 'folded_shared', 'slots', 'max_err', 'per_module'}:
+    Returns {'targeted', 'untargeted', 'folded', 'folded_shared', 'empty', 'slots', 'max_err', 'per_module'}:
     counts of (module, adapter) pairs by kind, the slots checked for id 0, the largest error, and the
     largest error per LoRA-carrying module.
     """
-    stats = {"targeted": 0, "untargeted": 0, "folded": 0, "folded_shared": 0, "max_err": 0.0,
+    stats = {"targeted": 0, "untargeted": 0, "folded": 0, "folded_shared": 0, "empty": 0, "max_err": 0.0,
              "slots": check_slot_zero(plugin_model), "per_module": {}}
     for adapter_id, merged_model in merged.items():
         for row in compare_adapter(plugin_model, base_model, merged_model, adapter_id, folded):

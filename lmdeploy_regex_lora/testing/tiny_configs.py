@@ -115,7 +115,7 @@ INTERNVL_CHAT_CONFIG_PY = '''\
 LMDeploy needs ``llm_config`` / ``vision_config`` as config objects (a plain PretrainedConfig would leave
 them as dicts), so they are built here from the dicts in config.json.
 """
-from transformers import LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 from transformers.configuration_utils import PretrainedConfig
 
 from .configuration_intern_vit import InternVisionConfig
@@ -125,6 +125,8 @@ _LLM_CONFIGS = {
     "InternLM2ForCausalLM": InternLM2Config,
     "LlamaForCausalLM": LlamaConfig,
     "Qwen2ForCausalLM": Qwen2Config,
+    "Qwen3ForCausalLM": Qwen3Config,
+    "Phi3ForCausalLM": Phi3Config,
 }
 
 

@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmdeploy_regex_lora.testing.tiny_models import EMBEDDING_LEAVES, detect_arch
+from lmdeploy_regex_lora.testing.tiny_archs import detect_new_arch
+from lmdeploy_regex_lora.testing.tiny_models import EMBEDDING_LEAVES
+from lmdeploy_regex_lora.testing.tiny_models import detect_arch as _detect_old_arch
 
 __all__ = [
     "NAMINGS",
@@ -57,8 +59,16 @@ _LLAVA_TF5_PREFIXES: tuple[tuple[str, str], ...] = (
     ("vision_tower.vision_model.", "model.vision_tower."),
     *_TF452_PREFIXES,
 )
+# Gemma 3 VL in transformers 5: the checkpoint's language_model.model / vision_tower / projector under model.
+_GEMMA3_TF5_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("language_model.model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
 # (arch, naming) -> first-match prefix rules from checkpoint names; pairs not listed are the identity.
 _RENAMES: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    ("internvl3_hf_qwen3", "tf5"): _TF452_PREFIXES,
+    ("gemma3_vl", "tf5"): _GEMMA3_TF5_PREFIXES,
     ("internvl_hf", "tf452"): _TF452_PREFIXES,
     ("internvl_hf", "tf5"): _TF452_PREFIXES,
     ("qwen2_vl", "tf452"): _QWEN_VL_PREFIXES,
@@ -83,6 +93,27 @@ class NormParams(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.bias = nn.Parameter(torch.zeros(size)) if bias else None
+
+
+# transformers 5 holds routed experts as fused parameters and routers as *Router classes: not nn.Linear, so
+# neither swift's nor PEFT's rules target them. In the ``tf5`` tree of issue 11's architectures routers are plain
+# parameter holders and each expert's weight a parameter of its ``experts`` module (no module per expert); in
+# the ``checkpoint`` tree (transformers 4.x: one nn.Linear per expert, an nn.Linear router) both are linears.
+_TF5_NOT_LINEAR = re.compile(r".*\.(mlp|block_sparse_moe)\.gate|.*\.feed_forward\.router")
+_PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def tree_key(folder, arch: str, key: str, naming: str) -> str:
+    """The name of checkpoint tensor ``key`` in the module tree of ``naming`` (see :data:`_PER_EXPERT`)."""
+    name = hf_name(arch, key, naming)
+    if naming == "tf5" and detect_new_arch(folder):
+        name = _PER_EXPERT.sub(r"\1.expert\2_\3_\4", name)
+    return name
+
+
+def detect_arch(model_dir) -> str:
+    """The tiny-model name of a folder written by ``tiny_models`` or ``tiny_archs``."""
+    return detect_new_arch(model_dir) or _detect_old_arch(model_dir)
 
 
 def hf_name(arch: str, checkpoint_name: str, naming: str = "checkpoint") -> str:
@@ -123,7 +154,8 @@ def hf_name(arch: str, checkpoint_name: str, naming: str = "checkpoint") -> str:
 
 def _uses_transformers_class(arch: str, naming: str) -> bool:
     """Real transformers classes load these folders offline, with exactly the wanted module names."""
-    return arch in ("qwen2", "llama") or (arch == "internvl_hf" and naming in ("tf452", "tf5"))
+    return arch in ("qwen2", "llama") or (arch == "internvl_hf" and naming in ("tf452", "tf5")) or \
+        (arch == "qwen3" and naming == "tf5")
 
 
 def _load_transformers_model(model_dir: pathlib.Path, arch: str) -> nn.Module:
@@ -207,8 +239,9 @@ def _child(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _generic_tree(state: dict[str, torch.Tensor]) -> nn.Module:
-    """nn.Module tree whose names are the (already renamed) keys of ``state``, loaded with it."""
+def _generic_tree(state: dict[str, torch.Tensor], loose: re.Pattern | None = None) -> nn.Module:
+    """nn.Module tree whose names are the (already renamed) keys of ``state``, loaded with it; modules whose name
+    fullmatches ``loose`` hold their tensors as plain parameters (no nn.Linear)."""
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         mod, _, leaf = key.rpartition(".")
@@ -217,7 +250,8 @@ def _generic_tree(state: dict[str, torch.Tensor]) -> nn.Module:
     root = nn.Module()
     for path in sorted(by_module, key=lambda p: (p.count("."), p)):
         params = by_module[path]
-        typed_leaf = path not in parents and "weight" in params and set(params) <= {"weight", "bias"}
+        typed_leaf = (path not in parents and "weight" in params and set(params) <= {"weight", "bias"}
+                      and params["weight"].dim() in (1, 2, 4) and not (loose and loose.fullmatch(path)))
         if not typed_leaf:
             holder = _child(root, path)
             for leaf, tensor in params.items():
@@ -268,7 +302,8 @@ def build_hf_module_tree(model_dir: str | os.PathLike, naming: str = "checkpoint
     if _uses_transformers_class(arch, naming):
         return _load_transformers_model(folder, arch)
     state = _load_checkpoint(folder)
-    return _generic_tree({hf_name(arch, k, naming): v for k, v in state.items()})
+    loose = _TF5_NOT_LINEAR if naming == "tf5" and detect_new_arch(folder) else None
+    return _generic_tree({tree_key(folder, arch, k, naming): v for k, v in state.items()}, loose)
 
 
 def _load_checkpoint(folder: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -449,7 +484,7 @@ def merge_adapter_checkpoint(
     original = _load_checkpoint(src)
     out_state: dict[str, torch.Tensor] = {}
     for key, tensor in original.items():
-        name = hf_name(arch, key, naming)
+        name = tree_key(src, arch, key, naming)
         if name not in merged_state:
             raise KeyError(f"merged model has no {name!r} (checkpoint key {key!r})")
         out_state[key] = merged_state[name].detach().to(tensor.dtype).contiguous().clone()
