@@ -27,6 +27,7 @@ import torch
 from .tiny_configs import VOCAB
 
 IMAGE_TOKEN = VOCAB - 1  # the tiny models' image token (any id works: the mask is computed from it)
+VIDEO_TOKEN = VOCAB - 2  # their video token (Qwen3-VL / Qwen3.5 mark video items with it)
 TOL = 2e-5  # float32 rounding of a few layers, as tests/scripts/kernel.py allows
 
 #: The issue's batch: adapter a (id 1) with one image of 2 units, no adapter with two images, adapter b
@@ -136,15 +137,21 @@ def _pixels_and_tokens(cfg, kind: str, spec, gen: torch.Generator) -> tuple[torc
 
 
 def make_image(model: torch.nn.Module, spec, gen: torch.Generator):
-    """(MultiModalData, image tokens) for one image: ``spec`` is tiles, a (t, h, w) grid or 1 (see :data:`LAYOUTS`)."""
+    """(MultiModalData, image tokens) for one image: ``spec`` is tiles, a (t, h, w) grid or 1 (see :data:`LAYOUTS`).
+
+    Where the model reads 'mm_data', a grid of more than one frame is a video, as LMDeploy's Qwen3-VL input
+    processor makes it (``Modality.VIDEO``, ``video_token_id``)."""
     from lmdeploy.pytorch.multimodal.data_type import MultiModalData
+    from lmdeploy.vl.constants import Modality
 
     kind = family(model)
-    meta = {"image_token_id": IMAGE_TOKEN}
+    meta, modality = {"image_token_id": IMAGE_TOKEN}, Modality.IMAGE
     pixels, tokens = _pixels_and_tokens(model.config, kind, spec, gen)
     if LAYOUTS[kind].units == "grid":  # Qwen2-VL / 2.5-VL concatenate (1, 3) grids, the others stack (3,) ones
         meta["grid_thw"] = torch.tensor([list(spec)] if kind.startswith("qwen2") else list(spec))
-    return MultiModalData(data=pixels, start=0, end=tokens, meta=meta), tokens
+        if LAYOUTS[kind].key == "mm_data" and spec[0] > 1:
+            meta, modality = {"grid_thw": meta["grid_thw"], "video_token_id": VIDEO_TOKEN}, Modality.VIDEO
+    return MultiModalData(data=pixels, start=0, end=tokens, meta=meta, modality=modality), tokens
 
 
 def make_requests(model: torch.nn.Module, batch: list[tuple[int, list]] | None = None, seed: int = 0
@@ -158,7 +165,7 @@ def make_requests(model: torch.nn.Module, batch: list[tuple[int, list]] | None =
         for spec in specs:
             image, tokens = make_image(model, spec, gen)
             image.start, image.end = len(req.input_ids), len(req.input_ids) + tokens
-            req.input_ids += [IMAGE_TOKEN] * tokens + [8, 9]
+            req.input_ids += [image.meta.get("video_token_id", IMAGE_TOKEN)] * tokens + [8, 9]
             req.images.append(image)
         requests.append(req)
     return requests
