@@ -85,7 +85,9 @@ CASES = {
 }
 
 
-def serve_and_compare(base_dir, specs, tmp_path, folded=frozenset()) -> dict:
+def serve(base_dir, specs, tmp_path) -> tuple:
+    """(served model, plan, base model, {id: merged model}): the adapters of ``specs`` (ids 1, 2, ...) written by
+    PEFT, loaded through LMDeploy's hooked ``add_adapters``, and PEFT's merges as LMDeploy loads them."""
     from lmdeploy.pytorch.models import patch
 
     from lmdeploy_regex_lora.testing.build import build_lmdeploy_model
@@ -100,7 +102,12 @@ def serve_and_compare(base_dir, specs, tmp_path, folded=frozenset()) -> dict:
         merged_dirs[i + 1] = merge_adapter_checkpoint(base_dir, adir, tmp_path / f"a{i}-merged", naming=naming)
     base, merged = load_models(base_dir, merged_dirs)
     served = build_lmdeploy_model(base_dir)
-    patch.add_adapters(served, adapters, dtype=torch.float32, device=torch.device("cpu"))
+    plan = patch.add_adapters(served, adapters, dtype=torch.float32, device=torch.device("cpu"))
+    return served, plan, base, merged
+
+
+def serve_and_compare(base_dir, specs, tmp_path, folded=frozenset()) -> dict:
+    served, _, base, merged = serve(base_dir, specs, tmp_path)
     stats = compare(served, base, merged, folded=folded)
     assert stats["targeted"] >= 2 and stats["slots"] > 0, stats
     return stats
@@ -110,6 +117,48 @@ def serve_and_compare(base_dir, specs, tmp_path, folded=frozenset()) -> dict:
 def test_swift_default_is_served_exactly(case, tiny_arch, tmp_path, plugin_installed):
     arch, specs = CASES[case]
     serve_and_compare(tiny_arch(arch), specs, tmp_path)
+
+
+#: case -> (arch, swift version whose form adapter a takes, LLM prefix and leaves, adapter b's targets (vision and
+#: projector layers, the plain nn.Linear ones among them), {LMDeploy module: expected wrapper} plain linears).
+#: swift 3.x (3.4.1 - 3.12.5) wrote the prefixes bare, 4.x escaped with ``(?=\.)`` (tests/support/swift_regex.py).
+UNFROZEN = {
+    "qwen3_vl-swift4": ("qwen3_vl", 4, "model.language_model", L7, ["qkv", "linear_fc1"], ()),
+    "qwen3_vl_moe-swift3": ("qwen3_vl_moe", 3, "model.language_model", ATTN, ["attn.proj", "linear_fc2"], ()),
+    "qwen3_5-swift4": ("qwen3_5", 4, "model.language_model", QWEN35, ["qkv", "linear_fc2"], ()),
+    "qwen3_5_moe-swift4": ("qwen3_5_moe", 4, "model.language_model", QWEN35, ["attn.proj"], ()),
+    "glm4_1v-swift3": ("glm4_1v", 3, "model.language_model", GLM, ["merger.proj", "up_proj", "qkv"],
+                       ("visual.merger.proj",)),
+    # merger gate/up: packed into LMDeploy's gate_up_proj
+    "glm4_1v-swift4": ("glm4_1v", 4, "model.language_model", GLM, ["merger.gate_proj", "merger.up_proj"], ()),
+    "gemma3_vl-swift4": ("gemma3_vl", 4, "model.language_model", L7, ["out_proj", "fc2"], ()),
+    "llama4-swift3": ("llama4", 3, "language_model", L7, ["patch_embedding.linear", "linear_1", "fc2"],
+                      ("vision_model.patch_embedding.linear", "multi_modal_projector.linear_1")),
+    "llama4-swift4": ("llama4", 4, "language_model", L7, ["vision_adapter.mlp.fc1"],
+                      ("vision_model.patch_embedding.linear", "multi_modal_projector.linear_1")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNFROZEN))
+def test_swift_unfrozen_vlm_is_served_per_image(case, tiny_arch, tmp_path, plugin_installed):
+    """ms-swift's form with --freeze_vit false --freeze_aligner false on issue 11's VLMs, and a second adapter on
+    other vision / projector layers: both load together, each adapter id's effective weights equal its merged
+    model's and id 0 the base, module by module; every vision and projector layer gets an image-row slot (plain
+    nn.Linear layers a wrapper sharing their Parameters). tests/test_vision.py runs the image rows themselves."""
+    from lmdeploy_regex_lora.serve.model_map import IMAGE_ROWS
+    from lmdeploy_regex_lora.serve.vision import LoRALinear
+    from tests.support.swift_regex import swift_unfrozen
+
+    arch, version, llm, leaves, second, plain = UNFROZEN[case]
+    specs = [a(swift_unfrozen(arch, llm, leaves, version)), b(second)]
+    served, plan, base, merged = serve(tiny_arch(arch), specs, tmp_path)
+    stats = compare(served, base, merged)
+    assert stats["targeted"] >= 2 and not plan.folds, stats
+    assert all(any(m.serving == IMAGE_ROWS for m in ap.modules) for ap in plan.adapters)  # both train the tower
+    tower = [s for s in plan.slots if s.serving == IMAGE_ROWS]
+    assert {i for s in tower for i, r in enumerate(s.ranks) if r} == {1, 2}, [s.ranks for s in tower]
+    wrapped = {n for n, m in served.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == set(plain) and all(m in stats["per_module"] for m in plain), (wrapped, plain)
 
 
 def test_all_linear_is_every_linear_but_the_output_layer(tiny_arch, tmp_path, plugin_installed):

@@ -15,9 +15,42 @@ from __future__ import annotations
 import pytest
 
 from lmdeploy_regex_lora.serve.steps import ImageRowsError, image_row_runs
+from lmdeploy_regex_lora.testing.tiny_archs import ARCHS as NEW_ARCHS
+from tests.support.swift_regex import swift_unfrozen
 from tests.support.triton_interpreter import adapters_and_merges, run_interpreted
 
 QWEN_LEAVES = "v_proj|gate_proj|o_proj|down_proj|q_proj|k_proj|up_proj"
+L7 = "down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj"
+QWEN35 = "down_proj|gate_proj|in_proj_a|in_proj_b|in_proj_qkv|in_proj_z|k_proj|o_proj|out_proj|q_proj|up_proj|v_proj"
+
+
+def _tf5(target_modules, r, alpha, **kw) -> dict:
+    return dict(target_modules=target_modules, r=r, lora_alpha=alpha, naming="tf5", **kw)
+
+
+#: Issue 11's VLMs (testing/tiny_archs.py): adapter a in ms-swift 4.x's unfrozen form (transformers 5 names), adapter
+#: b another subset at rank 24, the plain nn.Linear layers (GLM-4.1V's merger.proj, Llama 4's projector and patch
+#: embedding) included.
+NEW_CASES = {
+    "qwen3_vl": [_tf5(swift_unfrozen("qwen3_vl", "model.language_model", L7), 8, 16),
+                 _tf5(r"^(model\.visual\.blocks.*\.(qkv|linear_fc2)|model\.visual\.deepstack_merger_list.*\.linear_fc1"
+                      r"|model\.visual\.merger\.linear_fc2)$", 24, 48)],
+    "qwen3_vl_moe": [_tf5(swift_unfrozen("qwen3_vl_moe", "model.language_model", "k_proj|o_proj|q_proj|v_proj"), 8, 16),
+                     _tf5(r"^(model\.visual\.blocks.*\.attn\.proj|model\.visual\.merger\.linear_fc1)$", 24, 48,
+                          use_rslora=True)],
+    "qwen3_5": [_tf5(swift_unfrozen("qwen3_5", "model.language_model", QWEN35), 8, 16),
+                _tf5(r"^(model\.visual\.blocks.*\.(qkv|linear_fc1)|model\.visual\.merger\.linear_fc2)$", 24, 48)],
+    "qwen3_5_moe": [_tf5(swift_unfrozen("qwen3_5_moe", "model.language_model", QWEN35), 8, 16),
+                    _tf5(r"^(model\.visual\.blocks.*\.linear_fc2|model\.visual\.merger\.linear_fc1)$", 24, 48)],
+    "glm4_1v": [_tf5(swift_unfrozen("glm4_1v", "model.language_model", "down_proj|gate_up_proj|k_proj|o_proj|q_proj"
+                                    "|v_proj"), 8, 16),
+                _tf5(r"^(model\.visual\.blocks.*\.(qkv|up_proj)|model\.visual\.merger\.(proj|down_proj))$", 24, 48)],
+    "gemma3_vl": [_tf5(swift_unfrozen("gemma3_vl", "model.language_model", L7), 8, 16),
+                  _tf5(r"^(model\.vision_tower.*\.(v_proj|fc1|out_proj))$", 24, 48)],
+    "llama4": [_tf5(swift_unfrozen("llama4", "language_model", L7), 8, 16),
+               _tf5(r"^(vision_model\.model.*\.(v_proj|fc1)|vision_model\.(vision_adapter.*\.fc2|patch_embedding\.linear)"
+                    r"|multi_modal_projector\.linear_1)$", 24, 48)],
+}
 
 CASES = {
     "internvl2_internlm2": [
@@ -57,15 +90,22 @@ CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(CASES))
-def test_each_request_gets_its_own_vision_lora(arch, tiny_model, tmp_path):
-    base = tiny_model(arch)
-    adapters, merged = adapters_and_merges(base, tmp_path, CASES[arch], seed=61)
+@pytest.mark.parametrize("arch", sorted(CASES) + sorted(NEW_CASES))
+def test_each_request_gets_its_own_vision_lora(arch, tiny_model, tiny_arch, tmp_path):
+    base = tiny_arch(arch) if arch in NEW_ARCHS else tiny_model(arch)
+    adapters, merged = adapters_and_merges(base, tmp_path, CASES.get(arch) or NEW_CASES[arch], seed=61)
     result = run_interpreted("vision.py", {"base": str(base), "adapters": adapters, "merged": merged}, tmp_path)
     assert result["ok"], result
     errors = result["max_err_per_request"]
     assert len(errors) == 3 and max(errors) <= 2e-5 and result["no_adapter_bit_identical"], result
     assert sum(isinstance(m, dict) and m["caught"] for m in result["mutations"].values()) >= 2, result
+    if arch.startswith("qwen3_vl"):  # the deepstack merger's features are compared too, beside the embeddings
+        assert result["columns"] == 2 * 64, result
+    if arch.startswith(("qwen3_vl", "qwen3_5")):  # videos are 'mm_data' items as well: a batch mixing them
+        assert max(result["with_videos"]["max_err_per_request"]) <= 2e-5 and result["with_videos"]["ok"], result
+    # LMDeploy leaves GLM-4.1V's vision attention proj bias uninitialised (tests/support/cpu_standins.py)
+    glm = [f"visual.blocks.{i}.attn.proj.bias" for i in range(2)] if arch == "glm4_1v" else []
+    assert result["unloaded_biases_zeroed"] == glm, result
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ class ModelMap(_Layers):
         self.aliases = _tied_aliases(model)
         for module in self.aliases:
             self.candidates.setdefault(module, None)
-        self.backbone, self.vocab = _token_embedding(self.modules)
+        self.backbone, self.vocab, self.hidden = _token_embedding(self.modules)
         self._sites: dict[str, Site] = {}
         self._skeleton = None
         self._checked = False
@@ -210,7 +210,7 @@ class ModelMap(_Layers):
                                   f"and never runs {site.lmdeploy_module}")
         token = self._token_rows(site.lmdeploy_module)
         if site.kind == "lora-linear":
-            serving = PER_REQUEST if token else LM_HEAD if site.out_features == self.vocab else NON_TOKEN
+            serving = PER_REQUEST if token else LM_HEAD if self._vocab_head(site) else NON_TOKEN
             return replace(site, serving=serving)
         cls = type(self.modules.get(site.lmdeploy_module)).__name__
         if site.kind == "plain-linear":
@@ -227,6 +227,11 @@ class ModelMap(_Layers):
             return replace(site, serving=Serving.EMBEDDING, lora_capable=False, detail=f"an embedding ({cls})")
         return replace(site, serving=Serving.NO_LORA_PATH, lora_capable=False,
                        detail=f"LMDeploy builds {site.lmdeploy_module} as {cls}, which has no LoRA path")
+
+    def _vocab_head(self, site: Site) -> bool:
+        """An LM head's shape: token-embedding width in, vocabulary out (a vision layer whose width happens to equal
+        the vocabulary, as in tiny test models, reads image features, not the decoder's hidden states)."""
+        return site.out_features == self.vocab and site.in_features == self.hidden
 
     def output_layer(self) -> str | None:
         """The LM head's checkpoint name (what PEFT's ``all-linear`` leaves out)."""
@@ -306,9 +311,9 @@ def _tied_aliases(model) -> dict[str, str]:
     return out
 
 
-def _token_embedding(modules: Mapping[str, object]) -> tuple[str | None, int | None]:
-    """(the text decoder, vocabulary size): the parent of the largest token embedding. Its linears run on token
-    rows; LMDeploy's ``get_input_embeddings`` is not used (GLM-4's raises)."""
+def _token_embedding(modules: Mapping[str, object]) -> tuple[str | None, int | None, int | None]:
+    """(the text decoder, vocabulary size, embedding width): the parent of the largest token embedding. Its linears
+    run on token rows; LMDeploy's ``get_input_embeddings`` is not used (GLM-4's raises)."""
     import torch
 
     try:
@@ -318,7 +323,7 @@ def _token_embedding(modules: Mapping[str, object]) -> tuple[str | None, int | N
     # ParallelLMHead (an embedding class LMDeploy uses as DeepSeek's head) is newer than ParallelEmbedding.
     ParallelEmbedding = getattr(embedding, "ParallelEmbedding", ())  # noqa: N806
     ParallelLMHead = getattr(embedding, "ParallelLMHead", ())  # noqa: N806
-    best: tuple[int, str] | None = None
+    best: tuple[int, str, int] | None = None
     for name, mod in modules.items():
         if ParallelLMHead and isinstance(mod, ParallelLMHead):
             continue
@@ -329,10 +334,10 @@ def _token_embedding(modules: Mapping[str, object]) -> tuple[str | None, int | N
         else:
             continue
         if best is None or rows > best[0]:
-            best = (rows, name)
+            best = (rows, name, int(mod.weight.shape[-1]))
     if best is None:
-        return None, None
-    return best[1].rpartition(".")[0], best[0]
+        return None, None, None
+    return best[1].rpartition(".")[0], best[0], best[2]
 
 
 class CheckpointMap(_Layers):

@@ -17,6 +17,7 @@ from ..errors import AdapterError, bug, where
 from .model_map import FOLDED, IMAGE_ROWS, LM_HEAD
 from .plan import FoldPlan, ResolvedAdapter, ResolvedLoad, SlotPlan
 from .sites import local_lora, served_rows
+from .vision_policy import image_key
 from .weights import NON_FINITE_FIX, NON_FINITE_PROBLEM, all_finite
 
 
@@ -49,6 +50,7 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
     lora_b = torch.empty((sum_rank, slot.base_slice[1] - slot.base_slice[0]), dtype=dtype, device=device)
     packed = slot.slot != slot.lmdeploy_module.rsplit(".", 1)[-1]
     kind = {LM_HEAD: RowLoRA, IMAGE_ROWS: ImageRowLoRA}.get(slot.serving, LoRA)
+    extra = {"mm_key": image_key(model)} if kind is ImageRowLoRA else {}
     lora = kind(
         mod.in_features,
         slot.base_slice[1] - slot.base_slice[0],
@@ -61,6 +63,7 @@ def _build_slot(model: torch.nn.Module, modules: dict, slot: SlotPlan, dtype: to
         colwise=getattr(mod, "colwise", True),  # a plain nn.Linear (image rows only) is not tensor-parallel
         is_tp=getattr(mod, "is_tp", False),
         lora_b_spliter=None if packed else getattr(mod, "weight_spliter_lora_b", None),
+        **extra,
     )
     # The kernel's rank block must be a power of two; rows past an adapter's rank are masked.
     lora.adapter_info.max_rank = slot.kernel_block_rank

@@ -9,7 +9,8 @@ LMDeploy's objects, nothing copied).
 
 Image rows (:func:`image_units`, :func:`image_row_runs`): the step's ``input_multimodals`` hold one dict
 per sequence, in batch order, and the verified models' ``prepare_inputs_for_generation`` concatenate
-``mm['image']`` of every sequence in that order; image ``i`` has ``units`` leading rows in its pixel
+``mm[key]`` of every sequence in that order (``key`` is ``'image'``, or ``'mm_data'`` for Qwen3-VL and
+Qwen3.5, whose list holds images and videos alike); image ``i`` has ``units`` leading rows in its pixel
 tensor (tiles, patches or 1). A tower or projector linear with ``R`` input rows then gives image ``i``
 the rows ``[U_<i * R / U, U_<=i * R / U)`` (``U`` units in all). Qwen2.5-VL reorders rows by window
 inside the tower, but only within each image, so each image keeps its block. The bounds must be whole
@@ -27,7 +28,7 @@ import torch
 
 STEP_ATTR = "_lmdeploy_regex_lora_step"
 RECORDING_ATTR = "_lmdeploy_regex_lora_recording"
-IMAGE = "image"  # the modality every verified model's prepare_inputs_for_generation concatenates
+IMAGE = "image"  # the entry most verified models' prepare_inputs_for_generation concatenate (vision_policy: key)
 
 Run = tuple[int, int, int]  # (first row, rows, adapter id)
 
@@ -85,18 +86,19 @@ class StepRows:
             f"{num_tokens} tokens mixing adapters; cannot tell which adapter each row belongs to, so LM-head "
             "LoRA is not applied silently wrong. Please report this with your LMDeploy version and options.")
 
-    def image_runs(self, num_rows: int) -> list[Run] | None:
-        """One run per image of a layer with ``num_rows`` image rows (None: no adapter ids in this step).
+    def image_runs(self, num_rows: int, key: str = IMAGE) -> list[Run] | None:
+        """One run per image (``input_multimodals`` entry ``key``) of a layer with ``num_rows`` image rows
+        (None: no adapter ids in this step).
 
         Computed once per step and row count (one small host copy of the adapter ids per step).
         """
         if self.adapter_ids is None:
             return None
-        key = ("image-runs", num_rows)
-        if key not in self.cache:
-            images = image_units(self.input_multimodals)
-            self.cache[key] = image_row_runs(images, self.adapter_ids.flatten().tolist(), num_rows)
-        return self.cache[key]
+        cache_key = ("image-runs", key, num_rows)
+        if cache_key not in self.cache:
+            images = image_units(self.input_multimodals, key)
+            self.cache[cache_key] = image_row_runs(images, self.adapter_ids.flatten().tolist(), num_rows)
+        return self.cache[cache_key]
 
 
 def _units(data) -> int:
@@ -105,10 +107,11 @@ def _units(data) -> int:
     return sum(int(d.shape[0]) for d in data)  # a list of tensors, concatenated by the model
 
 
-def image_units(input_multimodals: list | None) -> list[tuple[int, int]]:
-    """``[(sequence index, units)]`` per image, in the order ``prepare_inputs_for_generation`` concatenates them."""
+def image_units(input_multimodals: list | None, key: str = IMAGE) -> list[tuple[int, int]]:
+    """``[(sequence index, units)]`` per item of entry ``key``, in the order ``prepare_inputs_for_generation``
+    concatenates them."""
     return [(seq, _units(item.data)) for seq, mm in enumerate(input_multimodals or ())
-            for item in (mm or {}).get(IMAGE, ())]
+            for item in (mm or {}).get(key, ())]
 
 
 def image_row_runs(images: list[tuple[int, int]], adapter_ids: list[int], num_rows: int) -> list[Run]:

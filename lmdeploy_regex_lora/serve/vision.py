@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .lm_head import forward_runs, recorded_step
-from .steps import ImageRowsError
+from .steps import IMAGE, ImageRowsError
 
 logger = logging.getLogger("lmdeploy.regex_lora")
 
@@ -37,9 +37,10 @@ _WRAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 class ImageRowLoRA(LoRA):
     """LMDeploy's ``LoRA`` slot on a vision/projector linear: each image's rows get its sequence's adapter."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, mm_key: str = IMAGE, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._ranks = [int(r) for r in self.adapter_info.ranks.tolist()]  # host copy, made once at load
+        self.mm_key = mm_key  # the input_multimodals entry the model's tower runs on (vision_policy.VisionModel.key)
 
     def forward(self, x, base_output=None):
         step = recorded_step(self, "vision tower / projector")
@@ -50,7 +51,7 @@ class ImageRowLoRA(LoRA):
                 "plugin recorded at build_context, so the adapter of each row is unknown; the step is refused "
                 "rather than served with the wrong adapter. Please report this with your LMDeploy version.")
         num_rows = x.numel() // x.size(-1)
-        runs = step.image_runs(num_rows) if num_rows else None
+        runs = step.image_runs(num_rows, self.mm_key) if num_rows else None
         if runs is None:
             return base_output  # no adapter ids in this step: every row is "no adapter"
         live = tuple(r for r in runs if self._ranks[r[2]])  # images whose adapter changes this layer

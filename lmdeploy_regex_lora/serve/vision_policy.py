@@ -42,21 +42,44 @@ class VisionModel:
     label: str
     prefixes: tuple[str, ...]  # checkpoint names of the tower and projector layers
     unit: str  # what one unit is for this model: a tile, a patch, an image
+    #: the entry of each sequence's ``input_multimodals`` that ``prepare_inputs_for_generation`` concatenates
+    #: into the tower's input ('mm_data' on Qwen3-VL / Qwen3.5: images and videos in one list)
+    key: str = "image"
 
 
-#: LMDeploy classes (``module.QualName``) whose tower and projector are served per request.
-VISION_MODELS: dict[str, VisionModel] = {
-    "lmdeploy.pytorch.models.internvl.InternVLChatModel":
-        VisionModel("InternVL chat", ("vision_model.", "mlp1."), "tile"),
-    "lmdeploy.pytorch.models.internvl3_hf.InternVLForConditionalGeneration":
-        VisionModel("InternVL3-hf", ("vision_tower.", "multi_modal_projector."), "tile"),
-    "lmdeploy.pytorch.models.qwen2_vl.Qwen2VLForConditionalGeneration":
-        VisionModel("Qwen2-VL", ("visual.",), "patch"),
-    "lmdeploy.pytorch.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration":
-        VisionModel("Qwen2.5-VL", ("visual.",), "patch"),
-    "lmdeploy.pytorch.models.llava.LlavaForConditionalGeneration":
-        VisionModel("LLaVA", ("vision_tower.", "multi_modal_projector."), "image"),
-}
+#: LMDeploy classes (``module.QualName``, exact class) whose tower and projector are served per request: (class
+#: under lmdeploy.pytorch.models, label, checkpoint prefixes of the tower and projector, unit[, key]). Each unit rule
+#: is read from the class's prepare_inputs_for_generation and vision forward in LMDeploy 0.18; tests/test_vision.py
+#: runs each one's image path on a batch mixing adapters.
+VISION_MODELS: dict[str, VisionModel] = {f"lmdeploy.pytorch.models.{cls}": VisionModel(*rule) for cls, *rule in (
+    # InternViT: every token of each tile, CLS included; mlp1: each tile's tokens after the pixel shuffle
+    ("internvl.InternVLChatModel", "InternVL chat", ("vision_model.", "mlp1."), "tile"),
+    ("internvl3_hf.InternVLForConditionalGeneration", "InternVL3-hf",
+     ("vision_tower.", "multi_modal_projector."), "tile"),
+    # blocks: one row per patch, merger: one per 2x2 patches; Qwen2.5-VL's window order stays inside each image
+    ("qwen2_vl.Qwen2VLForConditionalGeneration", "Qwen2-VL", ("visual.",), "patch"),
+    ("qwen2_5_vl.Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL", ("visual.",), "patch"),
+    ("llava.LlavaForConditionalGeneration", "LLaVA", ("vision_tower.", "multi_modal_projector."), "image"),
+    # 'mm_data': images and videos in one list, every item through the tower; blocks one row per patch, the merger
+    # and Qwen3-VL's deepstack mergers one per 2x2 patches (of the tapped block's output)
+    ("qwen3_vl.Qwen3VLForConditionalGeneration", "Qwen3-VL", ("model.visual.",), "patch", "mm_data"),
+    ("qwen3_vl_moe.Qwen3VLMoeForConditionalGeneration", "Qwen3-VL-MoE", ("model.visual.",), "patch", "mm_data"),
+    ("qwen3_5.Qwen3_5ForConditionalGeneration", "Qwen3.5", ("model.visual.",), "patch", "mm_data"),
+    ("qwen3_5_moe.Qwen3_5MoeForConditionalGeneration", "Qwen3.5-MoE", ("model.visual.",), "patch", "mm_data"),
+    # blocks: one row per patch; merger (after the 2x2 downsample conv, plain nn.Linear proj included): one per 4
+    ("glm4_1v.Glm4vForConditionalGeneration", "GLM-4.1V", ("model.visual.",), "patch"),
+    # SigLIP on (images, patches, width): each image's patch rows; the projector is a bare matmul weight, no linear
+    ("gemma3_vl.Gemma3ForConditionalGeneration", "Gemma 3", ("vision_tower.",), "image"),
+    # (tiles, patches, width) through the encoder (CLS last), the patch embedding's and the projector's plain
+    # nn.Linear: each tile's rows, before and after the pixel shuffle
+    ("llama4.Llama4ForConditionalGeneration", "Llama 4", ("vision_model.", "multi_modal_projector."), "tile"),
+)}
+
+
+def image_key(model: object) -> str:
+    """The ``input_multimodals`` entry whose items are the images of ``model``'s tower (see :class:`VisionModel`)."""
+    rule = VISION_MODELS.get(class_name(model))
+    return rule.key if rule else "image"
 
 
 def fold_vision() -> bool:

@@ -236,7 +236,9 @@ def llama4_cfg(n: int) -> dict[str, Any]:
                  rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                "original_max_position_embeddings": 128, "rope_type": "llama3"})
     text["no_rope_layers"] = [1] * n  # 1 = layer uses RoPE (transformers' convention)
-    vision = {"model_type": "llama4_vision_model", "hidden_size": VIT_HIDDEN, "intermediate_size": VIT_INTER,
+    # intermediate_size = hidden / pixel_shuffle_ratio**2, as Llama 4's 1408 -> 5632: the vision adapter's fc1 reads
+    # the pixel-shuffled patches with that width (with any other, LMDeploy's vision forward cannot run)
+    vision = {"model_type": "llama4_vision_model", "hidden_size": VIT_HIDDEN, "intermediate_size": 4 * VIT_HIDDEN,
               "num_attention_heads": VIT_HEADS, "num_hidden_layers": n, "num_channels": 3, "image_size": 28,
               "patch_size": 14, "hidden_act": "gelu", "norm_eps": 1e-5, "pixel_shuffle_ratio": 0.5,
               "projector_input_dim": HIDDEN, "projector_output_dim": HIDDEN, "vision_output_dim": HIDDEN,

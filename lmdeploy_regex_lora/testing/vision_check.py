@@ -1,12 +1,14 @@
 """The per-request check of vision embeddings: LMDeploy's own image path on a batch mixing adapters.
 
 A batch of requests, each with its adapter id and images (made as LMDeploy's input processors make them:
-one ``MultiModalData`` per image, tiles / patches / one image as leading rows), becomes a real
+one ``MultiModalData`` per image, tiles / patches / one image as leading rows, under the entry of
+``input_multimodals`` the model reads: :data:`LAYOUTS`), becomes a real
 ``ModelInputs`` (``vision_inputs.input_multimodals``, ``local_adapter_ids``), goes through the model's
 ``ctx_mgr.build_context`` (where the plugin records the step), its ``prepare_inputs_for_generation`` and
 its own ``forward``, which runs the vision tower and projector and scatters the image embeddings into the
 token embeddings. The text decoder that ``forward`` then calls is the one part replaced: it needs LMDeploy's
-paged attention, which has no CPU path, so a stand-in returns the ``inputs_embeds`` it was given.
+paged attention, which has no CPU path, so a stand-in returns the ``inputs_embeds`` it was given (and
+Qwen3-VL's deepstack features, which the decoder adds to the image-token rows of its first layers, beside them).
 
 Each request's image-token rows must equal those of the same request run alone through its adapter's
 merged model (the base model for "no adapter"); "no adapter" rows must be bit-identical to the base model's
@@ -25,18 +27,49 @@ import torch
 from .tiny_configs import VOCAB
 
 IMAGE_TOKEN = VOCAB - 1  # the tiny models' image token (any id works: the mask is computed from it)
+VIDEO_TOKEN = VOCAB - 2  # their video token (Qwen3-VL / Qwen3.5 mark video items with it)
 TOL = 2e-5  # float32 rounding of a few layers, as tests/scripts/kernel.py allows
 
 #: The issue's batch: adapter a (id 1) with one image of 2 units, no adapter with two images, adapter b
-#: (id 2) with one image. Units: InternVL tiles; Qwen (t, h, w) patch grids; LLaVA one per image.
-#: Qwen2.5-VL's windows are 4x4 merged patches: a 4x10 grid (2x5 merged) spans two windows, so the
-#: tower reorders that image's rows (within the image).
+#: (id 2) with one image. Units: InternVL / Llama 4 tiles; Qwen / GLM (t, h, w) patch grids; LLaVA and
+#: Gemma 3 one per image. Qwen2.5-VL's windows are 4x4 merged patches: a 4x10 grid (2x5 merged) spans two
+#: windows, so the tower reorders that image's rows (within the image).
+_TILES = [(1, [2]), (0, [1, 3]), (2, [1])]
+_GRIDS = [(1, [(1, 4, 6)]), (0, [(1, 2, 2), (1, 4, 4)]), (2, [(1, 6, 4)])]
+_ONE_EACH = [(1, [1]), (0, [1, 1]), (2, [1])]
 BATCHES: dict[str, list[tuple[int, list]]] = {
-    "internvl": [(1, [2]), (0, [1, 3]), (2, [1])],
-    "qwen2_vl": [(1, [(1, 4, 6)]), (0, [(1, 2, 2), (1, 4, 4)]), (2, [(1, 6, 4)])],
+    "internvl": _TILES,
+    "qwen2_vl": _GRIDS,
     "qwen2_5_vl": [(1, [(1, 4, 10)]), (0, [(1, 2, 2), (1, 4, 4)]), (2, [(1, 4, 6)])],
-    "llava": [(1, [1]), (0, [1, 1]), (2, [1])],
+    "llava": _ONE_EACH,
+    "qwen3_vl": _GRIDS,
+    "qwen3_5": _GRIDS,
+    "glm4v": _GRIDS,
+    "gemma3": _ONE_EACH,
+    "llama4": _TILES,
 }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a family's input processor lays out one image, and where its prepared inputs mark image tokens."""
+
+    units: str  # what an image spec of BATCHES is: "tiles", "grid" (t, h, w patches) or "image" (one)
+    key: str = "image"  # the entry of a sequence's input_multimodals that prepare_inputs_for_generation reads
+    mask: str = "image_mask"  # the prepared input that marks the image-token rows
+
+
+#: Read from each model's prepare_inputs_for_generation and input processor in LMDeploy 0.18, independently
+#: of vision_policy.VISION_MODELS (whose ``key`` this check then confirms).
+LAYOUTS: dict[str, Layout] = {
+    "internvl": Layout("tiles"), "qwen2_vl": Layout("grid"), "qwen2_5_vl": Layout("grid"), "llava": Layout("image"),
+    "qwen3_vl": Layout("grid", "mm_data", "multimodal_mask"), "qwen3_5": Layout("grid", "mm_data", "multimodal_mask"),
+    "glm4v": Layout("grid"), "gemma3": Layout("image"), "llama4": Layout("tiles"),
+}
+#: class-name prefix -> family (first match; Qwen2_5_VL before Qwen2VL is not needed: the names differ)
+_FAMILIES = (("InternVL", "internvl"), ("Qwen2_5_VL", "qwen2_5_vl"), ("Qwen2VL", "qwen2_vl"), ("Llava", "llava"),
+             ("Qwen3VL", "qwen3_vl"), ("Qwen3_5", "qwen3_5"), ("Glm4v", "glm4v"), ("Gemma3", "gemma3"),
+             ("Llama4", "llama4"))
 
 
 def use_interpreted_kernel() -> None:
@@ -66,16 +99,11 @@ def served_and_references(base_dir: str, adapters: dict[str, str], merged_dirs: 
 
 
 def family(model: torch.nn.Module) -> str:
-    """Which image layout the model's input processor makes (a key of :data:`BATCHES`)."""
+    """Which image layout the model's input processor makes (a key of :data:`BATCHES` and :data:`LAYOUTS`)."""
     name = type(model).__name__
-    if name.startswith("InternVL"):
-        return "internvl"
-    if name.startswith("Qwen2_5_VL"):
-        return "qwen2_5_vl"
-    if name.startswith("Qwen2VL"):
-        return "qwen2_vl"
-    if name.startswith("Llava"):
-        return "llava"
+    for prefix, kind in _FAMILIES:
+        if name.startswith(prefix):
+            return kind
     raise ValueError(f"no image layout for {name}")
 
 
@@ -84,32 +112,46 @@ class Request:
     adapter_id: int
     images: list = field(default_factory=list)  # MultiModalData, in prompt order
     input_ids: list[int] = field(default_factory=list)
+    key: str = "image"  # the entry of input_multimodals the model reads (Layout.key)
 
 
 def _size(value) -> int:
     return value if isinstance(value, int) else value[0]
 
 
-def make_image(model: torch.nn.Module, spec, gen: torch.Generator):
-    """(MultiModalData, image tokens) for one image: ``spec`` is tiles (InternVL), a (t, h, w) grid (Qwen) or 1."""
-    from lmdeploy.pytorch.multimodal.data_type import MultiModalData
-
-    cfg, kind = model.config, family(model)
+def _pixels_and_tokens(cfg, kind: str, spec, gen: torch.Generator) -> tuple[torch.Tensor, int]:
     vc = cfg.vision_config
-    meta = {"image_token_id": IMAGE_TOKEN}
-    if kind.startswith("qwen"):
+    units = LAYOUTS[kind].units
+    if units == "grid":
         t, h, w = spec
         pixels = torch.randn(t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=gen)
-        meta["grid_thw"] = torch.tensor([[t, h, w]])
-        tokens = t * h * w // vc.spatial_merge_size ** 2
-    elif kind == "llava":
-        pixels = torch.randn(spec, 3, vc.image_size, vc.image_size, generator=gen)
-        tokens = spec * (vc.image_size // vc.patch_size) ** 2
-    else:
-        size, patch = _size(vc.image_size), _size(vc.patch_size)
-        pixels = torch.randn(spec, 3, size, size, generator=gen)
-        tokens = spec * int((size // patch) ** 2 * cfg.downsample_ratio ** 2)
-    return MultiModalData(data=pixels, start=0, end=tokens, meta=meta), tokens
+        return pixels, t * h * w // vc.spatial_merge_size ** 2
+    size, patch = _size(vc.image_size), _size(vc.patch_size)
+    pixels = torch.randn(spec, 3, size, size, generator=gen)
+    if units == "image":
+        per_unit = cfg.mm_tokens_per_image if kind == "gemma3" else (size // patch) ** 2
+    else:  # tiles: the pixel shuffle keeps ratio**2 of each tile's patches
+        ratio = vc.pixel_shuffle_ratio if kind == "llama4" else cfg.downsample_ratio
+        per_unit = int((size // patch) ** 2 * ratio ** 2)
+    return pixels, spec * per_unit
+
+
+def make_image(model: torch.nn.Module, spec, gen: torch.Generator):
+    """(MultiModalData, image tokens) for one image: ``spec`` is tiles, a (t, h, w) grid or 1 (see :data:`LAYOUTS`).
+
+    Where the model reads 'mm_data', a grid of more than one frame is a video, as LMDeploy's Qwen3-VL input
+    processor makes it (``Modality.VIDEO``, ``video_token_id``)."""
+    from lmdeploy.pytorch.multimodal.data_type import MultiModalData
+    from lmdeploy.vl.constants import Modality
+
+    kind = family(model)
+    meta, modality = {"image_token_id": IMAGE_TOKEN}, Modality.IMAGE
+    pixels, tokens = _pixels_and_tokens(model.config, kind, spec, gen)
+    if LAYOUTS[kind].units == "grid":  # Qwen2-VL / 2.5-VL concatenate (1, 3) grids, the others stack (3,) ones
+        meta["grid_thw"] = torch.tensor([list(spec)] if kind.startswith("qwen2") else list(spec))
+        if LAYOUTS[kind].key == "mm_data" and spec[0] > 1:
+            meta, modality = {"grid_thw": meta["grid_thw"], "video_token_id": VIDEO_TOKEN}, Modality.VIDEO
+    return MultiModalData(data=pixels, start=0, end=tokens, meta=meta, modality=modality), tokens
 
 
 def make_requests(model: torch.nn.Module, batch: list[tuple[int, list]] | None = None, seed: int = 0
@@ -117,12 +159,13 @@ def make_requests(model: torch.nn.Module, batch: list[tuple[int, list]] | None =
     """Requests of ``batch`` (default: the model's entry of :data:`BATCHES`), text tokens around each image."""
     gen = torch.Generator().manual_seed(seed)
     requests = []
-    for adapter_id, specs in batch or BATCHES[family(model)]:
-        req = Request(adapter_id, [], [5, 6, 7])
+    kind = family(model)
+    for adapter_id, specs in batch or BATCHES[kind]:
+        req = Request(adapter_id, [], [5, 6, 7], LAYOUTS[kind].key)
         for spec in specs:
             image, tokens = make_image(model, spec, gen)
             image.start, image.end = len(req.input_ids), len(req.input_ids) + tokens
-            req.input_ids += [IMAGE_TOKEN] * tokens + [8, 9]
+            req.input_ids += [image.meta.get("video_token_id", IMAGE_TOKEN)] * tokens + [8, 9]
             req.images.append(image)
         requests.append(req)
     return requests
@@ -141,18 +184,36 @@ def model_inputs(requests: list[Request]):
         num_ignored_history=zeros, max_q_seqlen=int(seqlens.max()), max_kv_seqlen=int(seqlens.max()),
         sum_kv_seqlen=int(seqlens.sum()), local_adapter_ids=torch.tensor([r.adapter_id for r in requests]),
         vision_inputs=VisionModelInputs(history_lengths=zeros,
-                                        input_multimodals=[{"image": r.images} if r.images else {} for r in requests]))
+                                        input_multimodals=[{r.key: r.images} if r.images else {} for r in requests]))
 
 
 class _DecoderInput(torch.nn.Module):
-    """Stand-in for the text decoder (paged attention has no CPU path): hands back the embeddings it gets."""
+    """Stand-in for the text decoder (paged attention has no CPU path): hands back the embeddings it gets (by
+    keyword, or Llama 4's first positional argument). Qwen3-VL's deepstack features, which the decoder would add to
+    the image-token rows of its first layers, come back beside them: one more block of columns per feature."""
 
-    def forward(self, *args, inputs_embeds=None, **kwargs):
-        return inputs_embeds
+    def forward(self, *args, inputs_embeds=None, deepstack_visual_embeds=None, visual_pos_masks=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+        extra = [torch.zeros_like(inputs_embeds).masked_scatter(visual_pos_masks, f.to(inputs_embeds))
+                 for f in deepstack_visual_embeds or ()]
+        return torch.cat([inputs_embeds, *extra], dim=-1)
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    return model.language_model if hasattr(model, "language_model") else model.model
+    """The text decoder the model's forward calls after scattering the image embeddings."""
+    for owner in (model, getattr(model, "model", None)):  # Qwen3.5: model.model.language_model, beside the tower
+        if hasattr(owner, "language_model"):
+            return owner.language_model
+    return model.model
+
+
+def _state_caches(config) -> list[torch.Tensor] | None:
+    """Qwen3.5's linear-attention state caches (prepare_inputs_for_generation hands one pair per such layer to the
+    decoder, which the stand-in ignores): empty placeholders of the right count."""
+    layers = getattr(getattr(config, "text_config", config), "layer_types", None) or []
+    count = sum(t == "linear_attention" for t in layers)
+    return [torch.zeros(1, count, 1), torch.zeros(1, count, 1)] if count else None
 
 
 class VisionRunner:
@@ -174,16 +235,20 @@ class VisionRunner:
         model, inputs = self.model, model_inputs(requests)
         decoder = _decoder(model)
         decoder.forward = _DecoderInput().forward  # an instance attribute: the class's forward is untouched
+        layers = [None] * 64  # past_key_values: one entry per decoder layer (the stand-in decoder reads none)
         try:
             with step_ctx_manager(model.ctx_mgr):
                 ctx = model.ctx_mgr.build_context(inputs=inputs, model_config=self.model_config,
-                                                  cache_config=self.cache_config)
+                                                  cache_config=self.cache_config,
+                                                  state_caches=_state_caches(model.config))
                 with model.ctx_mgr.context(ctx):
-                    prepared = model.prepare_inputs_for_generation(past_key_values=None, context=ctx)
+                    prepared = model.prepare_inputs_for_generation(past_key_values=layers, context=ctx)
                     embeds = model(**prepared)
         finally:
             del decoder.forward
-        mask = prepared["image_mask"][0]
+        if isinstance(embeds, dict):  # Qwen3.5's forward returns its outputs by name
+            embeds = embeds["hidden_states"]
+        mask = prepared[LAYOUTS[family(model)].mask][0]
         out, start = [], 0
         for n in inputs.seq_length.tolist():
             out.append(embeds[0, start:start + n][mask[start:start + n]])
@@ -211,5 +276,5 @@ def check_requests(served: VisionRunner, references: dict[int, VisionRunner], re
                      if r.adapter_id == 0)
     changed = all(e > 100 * tol for r, e in zip(requests, effect, strict=True) if r.adapter_id)
     return {"max_err_per_request": errors, "lora_effect_per_request": effect, "no_adapter_bit_identical": base_exact,
-            "every_adapter_changes_its_rows": changed,
+            "every_adapter_changes_its_rows": changed, "columns": int(got[0].shape[-1]),
             "ok": all(e <= tol for e in errors) and base_exact and changed}

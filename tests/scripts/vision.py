@@ -11,7 +11,10 @@ embeddings must equal its merged (or the base) model's run alone, "no adapter" r
 Then deliberately wrong row maps (``steps.image_row_runs`` replaced) must make that comparison fail: rows
 split by sequence instead of by image, one share per image ignoring its tiles/patches, images in reverse
 order. For Qwen2.5-VL the batch's window reordering must be real (not the identity) and stay inside each
-image. Qwen towers get tests/support/cpu_standins.py (TEST-ONLY: their attention has no CPU path).
+image. For Qwen3-VL and Qwen3.5 a second batch mixes videos (items of the same 'mm_data' list) with images.
+Qwen and GLM towers get tests/support/cpu_standins.py (TEST-ONLY: their attention has no CPU path), and
+every model the zeroing of biases LMDeploy builds but never loads (GLM-4.1V's vision attention proj), the same
+on every side of each comparison.
 Prints one JSON line; exits 1 when anything fails.
 """
 
@@ -44,6 +47,9 @@ def _floor_runs(groups, adapter_ids, num_rows):
     return runs
 
 
+#: adapter b: a video of 2 frames (2 x 4 x 4 patches); no adapter: an image; adapter a: an image, then a video
+VIDEO_BATCH = [(2, [(2, 4, 4)]), (0, [(1, 2, 2)]), (1, [(1, 4, 2), (2, 2, 4)])]
+
 MUTATIONS = {
     "rows by sequence, not by image": lambda images: [(s, 1) for s in dict.fromkeys(s for s, _ in images)],
     "one share per image, ignoring its tiles/patches": lambda images: [(s, 1) for s, _ in images],
@@ -55,7 +61,7 @@ def mutation_results(served, refs, requests) -> dict:
     out = {}
     correct = steps.image_row_runs
     for label, mutate in MUTATIONS.items():
-        images = steps.image_units(vc.model_inputs(requests).vision_inputs.input_multimodals)
+        images = steps.image_units(vc.model_inputs(requests).vision_inputs.input_multimodals, requests[0].key)
         if mutate(images) == images or (label.startswith("one share") and all(u == 1 for _, u in images)):
             out[label] = "the same map as the right one for this model (one unit per image)"
             continue
@@ -89,14 +95,21 @@ def main() -> int:
     vc.use_interpreted_kernel()
     served, models = vc.served_and_references(spec["base"], spec["adapters"], spec["merged"])
     standins = [cpu_standins.apply(m) for m in (served, *(m for m, _ in models.values()))]
+    zeroed = [cpu_standins.zero_unloaded_biases(m, d) for m, d in ((served, spec["base"]), *models.values())]
     runner = vc.VisionRunner(served, spec["base"])
     refs = {aid: vc.VisionRunner(m, d) for aid, (m, d) in models.items()}
     requests = vc.make_requests(served)
     result = vc.check_requests(runner, refs, requests)
     result["cpu_attention_standins"] = standins[0]
+    result["unloaded_biases_zeroed"] = zeroed[0]
+    ok_zeroed = all(z == zeroed[0] for z in zeroed)
     result["units_per_image"] = [[steps.image_units([{"image": [m]}])[0][1] for m in r.images] for r in requests]
     result["mutations"] = mutation_results(runner, refs, requests)
-    ok = result["ok"] and all(m["caught"] for m in result["mutations"].values() if isinstance(m, dict))
+    ok = result["ok"] and ok_zeroed and all(m["caught"] for m in result["mutations"].values() if isinstance(m, dict))
+    if requests[0].key == "mm_data":  # Qwen3-VL / Qwen3.5: videos are items of the same list, through the tower
+        mixed = vc.make_requests(served, VIDEO_BATCH, seed=1)
+        result["with_videos"] = vc.check_requests(runner, refs, mixed)
+        ok = ok and result["with_videos"]["ok"]
     if vc.family(served) == "qwen2_5_vl":
         result["window_index"] = window_reordering(served, requests)
         ok = ok and all(result["window_index"]["each_image_keeps_its_rows"]) and not result["window_index"][

@@ -1,15 +1,22 @@
-"""TEST-ONLY CPU stand-ins for the few LMDeploy kernels of the Qwen2-VL / Qwen2.5-VL vision towers that cannot
-run on a machine without a GPU, not even under TRITON_INTERPRET=1 (tests/scripts/vision.py, benchmarks).
+"""TEST-ONLY CPU stand-ins for the few LMDeploy kernels of the vision towers that cannot run on a machine without a
+GPU, not even under TRITON_INTERPRET=1 (tests/scripts/vision.py, benchmarks): those of Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, Qwen3.5 and GLM-4.1V (Gemma 3's SigLIP and Llama 4's tower use torch's attention and need none).
 
 * ``FlashAttention`` (the towers' varlen attention) asks for a CUDA driver: :class:`CPUVarlenAttention`
   computes the same non-causal attention per segment ``[q_start_loc, +q_seqlens)`` with torch.
-* Qwen2.5-VL's Triton ``SiluAndMul`` calls ``tl.math.exp`` through a module-level alias, which the
-  interpreter rejects: :class:`CPUSiluAndMul` is the same math in torch.
+* The Triton ``SiluAndMul`` (Qwen2.5-VL's and GLM-4.1V's vision MLPs) calls ``tl.math.exp`` through a
+  module-level alias, which the interpreter rejects: :class:`CPUSiluAndMul` is the same math in torch.
 * LMDeploy's Triton RMSNorm asks CUDA for the SM count to size its grid: :func:`answer_device_props`
   answers for CPU (the answer only spreads rows over programs; every row is still computed, interpreted).
 
 They are applied to the served, the merged and the base models alike, so every comparison runs the same
 code on both sides; LoRA itself always runs through LMDeploy's own kernel.
+
+Not a kernel, but test-only as well: :func:`zero_unloaded_biases`. LMDeploy 0.18 builds GLM-4.1V's vision
+attention ``proj`` with a bias that transformers' GLM-4.1V (and so its checkpoints) does not have; the bias is
+``torch.empty`` and no checkpoint tensor is written into it, so each build of the model holds other garbage
+there (on CPU sometimes 1e37). Compared models must hold the same base weights, so the scripts zero such biases
+on every side and report which.
 """
 
 from __future__ import annotations
@@ -57,3 +64,26 @@ def apply(model: torch.nn.Module) -> int:
             count += 1
     answer_device_props()
     return count
+
+
+def zero_unloaded_biases(model: torch.nn.Module, model_dir) -> list[str]:
+    """Zero each bias LMDeploy built beside a weight loaded under the same name but no checkpoint tensor fills
+    (uninitialised memory otherwise); returns their names."""
+    import pathlib
+
+    from safetensors import safe_open
+
+    keys = set()
+    for file in pathlib.Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            keys.update(f.keys())
+    rename = getattr(type(model), "rename_weight", None)
+    loaded = {rename(k) for k in keys} if rename else keys
+    zeroed = []
+    for name, mod in model.named_modules():
+        bias = getattr(mod, "bias", None)
+        if isinstance(bias, torch.nn.Parameter) and f"{name}.weight" in loaded and f"{name}.bias" not in loaded:
+            with torch.inference_mode():
+                bias.zero_()
+            zeroed.append(f"{name}.bias")
+    return zeroed

@@ -59,10 +59,11 @@ _LLAVA_TF5_PREFIXES: tuple[tuple[str, str], ...] = (
     ("vision_tower.vision_model.", "model.vision_tower."),
     *_TF452_PREFIXES,
 )
-# Gemma 3 VL in transformers 5: the checkpoint's language_model.model / vision_tower / projector under model.
+# Gemma 3 VL in transformers 5: the checkpoint's language_model.model / vision_tower / projector under model., and
+# its SigLIP tower without the vision_model level (Gemma3Model.vision_tower.encoder.*, checked on 5.24), as LLaVA's.
 _GEMMA3_TF5_PREFIXES: tuple[tuple[str, str], ...] = (
     ("language_model.model.", "model.language_model."),
-    ("vision_tower.", "model.vision_tower."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
 # (arch, naming) -> first-match prefix rules from checkpoint names; pairs not listed are the identity.
