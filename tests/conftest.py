@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathli
 @pytest.fixture(scope="session")
 def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathlib.Path]:
     """Factory ``tiny_arch(arch) -> folder`` for issue 11's architectures (``testing/tiny_archs.py``), written once
-    per session. DeepSeek-V2/V3 folders are built by LMDeploy only under ``testing.cpu_stand_ins`` (see
+    per session. DeepSeek-V2/V3 folders are built by LMDeploy only under ``tests.support.cpu_standins`` (see
     :func:`deepseek_stand_ins`)."""
     from lmdeploy_regex_lora.testing.tiny_archs import ARCHS as NEW_ARCHS
     from lmdeploy_regex_lora.testing.tiny_archs import make_arch
@@ -52,9 +52,9 @@ def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., pathlib
 
 @pytest.fixture(autouse=True)
 def deepseek_stand_ins():
-    """LMDeploy's DeepSeek build asks CUDA two questions (testing/cpu_stand_ins.py): answered for every test, as a
+    """LMDeploy's DeepSeek build asks CUDA two questions (tests/support/cpu_standins.py): answered for every test, as a
     GPU without FlashMLA and Hopper router GEMM would. Other models never reach the patched code."""
-    from lmdeploy_regex_lora.testing.cpu_stand_ins import deepseek_on_cpu
+    from tests.support.cpu_standins import deepseek_on_cpu
 
     with deepseek_on_cpu():
         yield

@@ -6,7 +6,7 @@ from transformers 5.24's module tree), then loads them through LMDeploy's (hooke
 LMDeploy's own CPU build and compares every LoRA-carrying layer, for every adapter id, with PEFT's
 ``merge_and_unload`` checkpoints as LMDeploy loads them (``testing.compare``: untargeted layers exactly equal,
 adapter id 0 exactly zero). DeepSeek-V2/V3 are built under test-only CPU stand-ins for two GPU questions
-LMDeploy asks at build time (``testing/cpu_stand_ins.py``); nothing else is replaced.
+LMDeploy asks at build time (``tests/support/cpu_standins.py``); nothing else is replaced.
 
 ``naming``: ``tf5`` trains on the module tree of transformers 5 (routed experts fused, routers not
 ``nn.Linear``, VLM names such as ``model.language_model.*``); ``checkpoint`` on the checkpoint's names with one

@@ -1,6 +1,6 @@
 """What the right adapter on the right architecture cannot get per request, refused by module kind, and the
 opt-in fold of routed MoE experts. Adapters are real PEFT ones on the tiny checkpoints of ``tiny_archs``;
-DeepSeek is built under the test-only CPU stand-ins (``testing/cpu_stand_ins.py``, conftest)."""
+DeepSeek is built under the test-only CPU stand-ins (``tests/support/cpu_standins.py``, conftest)."""
 
 from __future__ import annotations
 

@@ -135,8 +135,9 @@ def inspect_adapters(adapters: dict[str, str], model: str | None) -> dict:
         from ..serve.plan import build_slots
 
         report["slots"] = [asdict(s) for s in build_slots(resolved_ok, model_map)]
-    # Layers folded into the base weight serve every request: two adapters may share one only with equal
-    # deltas, which serving checks by value (inspect has none).
+    # Layers folded into the base weight (only with LMDEPLOY_REGEX_LORA_FOLD_VISION / _FOLD_EXPERTS) serve
+    # every request: two adapters may share one only with equal deltas, which serving checks by value
+    # (inspect has none).
     folders: dict[str, list[str]] = {}
     for a in report["adapters"]:
         if a["status"] == "ok":

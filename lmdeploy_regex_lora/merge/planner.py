@@ -101,11 +101,12 @@ def plan_merge(base: str, name: str, adapter_path: str) -> MergePlan:
     """Resolve the adapter on the checkpoint's own weights (headers only) and map it onto checkpoint keys."""
     from ..serve.config import read_adapter_config
     from ..serve.model_map import CheckpointMap
+    from ..serve.naming import is_model_folder
     from ..serve.plan import resolve_adapter
     from ..serve.weights import AdapterTensors, read_adapter_specs, read_adapter_tensors
 
     base = os.fspath(base)
-    if not os.path.isfile(os.path.join(base, "config.json")):
+    if not is_model_folder(base):
         raise AdapterError("is not a model folder (no config.json).", file=base,
                            fix="pass the base model's local folder, not a Hub id.")
     shards, index = checkpoint_shards(base)

@@ -194,7 +194,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str, out: str | os.PathLi
     plan = plan_merge(base, name, adapter)
     created = not os.path.exists(out)
     staging = _prepare_out(out, base)
-    total = sum(h.data_len + h.data_start for h in plan.headers.values())
+    total = sum(h.size for h in plan.headers.values())
     bar = _Progress(total, progress)
     shard_rows = []
     try:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError
-from .naming import Naming, choose_naming
+from .naming import Naming, choose_naming, is_model_folder
 from .sites import (
     FOLDED,
     IMAGE_ROWS,
@@ -256,7 +256,7 @@ def _why(status: str) -> str:
 def _checkpoint_dir(model) -> str:
     """The folder LMDeploy loaded ``model`` from: ``load_model_weights`` is given ``config._name_or_path``."""
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not path or not os.path.isfile(os.path.join(str(path), "config.json")):
+    if not path or not is_model_folder(str(path)):
         raise ModelLayoutError(
             f"LMDeploy built this model from {path!r} (model.config._name_or_path), which is not a local model "
             "folder with a config.json here; the plugin reads that checkpoint's names to place LoRA rows.",

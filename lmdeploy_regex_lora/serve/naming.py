@@ -78,6 +78,11 @@ def choose_naming(adapter: str, file: str, tensor_modules: Collection[str], chec
             "cannot be served on it.")
 
 
+def is_model_folder(path: str) -> bool:
+    """A model folder is one with a config.json: what LMDeploy builds from and what a merge copies."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def model_config(model_dir: str) -> dict:
     """The model folder's config.json as a dict; empty when it cannot be read (callers then know nothing)."""
     try:

@@ -152,9 +152,6 @@ class ResolvedLoad:
     adapters: list[ResolvedAdapter]
     sites: dict[str, Site]
 
-    def adapter(self, adapter_id: int) -> ResolvedAdapter:
-        return next(ra for ra in self.adapters if ra.plan.adapter_id == adapter_id)
-
     def slot_where(self, slot: SlotPlan) -> dict[str, str | None]:
         """The :func:`~lmdeploy_regex_lora.errors.where` context of a slot: its module, the adapters that
         fill it, and their weights file when there is one adapter."""

@@ -142,6 +142,7 @@ def image_row_runs(images: list[tuple[int, int]], adapter_ids: list[int], num_ro
             runs.append((start, rows, aid))
     return runs
 
+
 def record_steps(ctx_mgr) -> None:
     """Ask the ``build_context`` patch point to record this ``ctx_mgr``'s step inputs (slots need them)."""
     setattr(ctx_mgr, RECORDING_ATTR, True)

@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..errors import AdapterError
+from ..serve.naming import is_model_folder
 
 
 def build_lmdeploy_model(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32"
@@ -29,7 +30,7 @@ def build_lmdeploy_model(model_dir: str | os.PathLike, device: str = "cpu", dtyp
     :class:`AdapterError` for a folder LMDeploy cannot build.
     """
     path = os.fspath(model_dir)
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not is_model_folder(path):
         raise AdapterError("is not a model folder (no config.json).", file=path,
                            fix="pass the base model's local folder (the one LMDeploy serves), not a Hub id.")
     from lmdeploy.pytorch.config import ModelConfig

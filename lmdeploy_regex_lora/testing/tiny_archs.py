@@ -5,8 +5,8 @@ writes), every tensor drawn again from :func:`.tiny_models.random_tensor` so the
 bit-identical files; what transformers has no class for (InternViT, MiniCPM-V's resampler) is written by
 hand. Renames after ``save_pretrained`` bring names to the Hub's where transformers writes others
 (Gemma 3's SigLIP tower, Intern-S1, MiniCPM-V's ``vpm``), and fused MoE experts into the Hub's layout
-LMDeploy reads. Configs: :mod:`.tiny_arch_configs`. DeepSeek needs CPU stand-ins to build:
-:mod:`.cpu_stand_ins`.
+LMDeploy reads. Configs: :mod:`.tiny_arch_configs`. LMDeploy builds DeepSeek on CPU only under the
+test-only stand-ins of tests/support/cpu_standins.py.
 
 Phi-3 (InternVL2-4B's LLM) is built with grouped KV heads (4/2, Phi-3-mini has 32/32), so its fused
 ``qkv_proj`` splits unevenly, a stronger check.
